@@ -1,0 +1,30 @@
+# Two commands do everything on a machine with only Python 3.11+:
+#   make demo   - create .venv, install, run examples/quickstart.py
+#   make test   - create .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The official client, pinned, for the wire-compatibility tests (installed --no-deps).
+OFFICIAL_MOONDREAM := moondream==2.6.1
+INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(INTEGRATIONS) Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[testing,dev]" $(foreach p,$(INTEGRATIONS),-e "$(dir $(p))[dev]")
+	$(BIN)/python -m pip install --quiet --no-deps "$(OFFICIAL_MOONDREAM)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,104 @@
+"""moondream_tools: async vision tools that let text-only agents see, powered by Moondream.
+
+Example::
+
+    from moondream_tools import AsyncMoondream
+
+    async with AsyncMoondream() as md:          # MOONDREAM_API_KEY, MOONDREAM_BASE_URL
+        caption = await md.caption("photo.jpg", length="short")
+        boxes = await md.detect("photo.jpg", "car")
+        print(caption.caption, [b for b in boxes.to_pixels()])
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("moondream-tools")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+from .client import DEFAULT_BASE_URL, AsyncMoondream, Settings, SpatialRef, Stream, Timeout
+from .errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ImageError,
+    InternalServerError,
+    MoondreamError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseError,
+)
+from .images import ImageInput, ImageSettings, PreparedImage
+from .results import (
+    Answer,
+    Box,
+    Caption,
+    ChatResult,
+    Detections,
+    GroundingSpan,
+    ImageSize,
+    ModelInfo,
+    PixelBox,
+    PixelPoint,
+    Point,
+    Points,
+    Reasoning,
+    SegmentBBoxEvent,
+    SegmentEvent,
+    SegmentFinalEvent,
+    Segmentation,
+    SegmentPathDeltaEvent,
+)
+
+__all__ = [
+    "__version__",
+    # client
+    "AsyncMoondream",
+    "DEFAULT_BASE_URL",
+    "Settings",
+    "SpatialRef",
+    "Stream",
+    "Timeout",
+    # images
+    "ImageInput",
+    "ImageSettings",
+    "PreparedImage",
+    # results
+    "Answer",
+    "Box",
+    "Caption",
+    "ChatResult",
+    "Detections",
+    "GroundingSpan",
+    "ImageSize",
+    "ModelInfo",
+    "PixelBox",
+    "PixelPoint",
+    "Point",
+    "Points",
+    "Reasoning",
+    "SegmentBBoxEvent",
+    "SegmentEvent",
+    "SegmentFinalEvent",
+    "Segmentation",
+    "SegmentPathDeltaEvent",
+    # errors
+    "MoondreamError",
+    "ConfigurationError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "RateLimitError",
+    "InternalServerError",
+    "ImageError",
+    "ResponseError",
+]

@@ -1,0 +1,139 @@
+"""Errors raised by moondream_tools.
+
+Every error this package raises on purpose derives from :class:`MoondreamError`,
+so ``except MoondreamError`` catches "Moondream could not answer this" and lets
+real bugs propagate. No message, repr or attribute ever contains the API key.
+
+::
+
+    MoondreamError
+    ├── ConfigurationError        the client cannot be set up (e.g. no API key for the cloud)
+    ├── APIConnectionError        the server could not be reached or the connection broke
+    │   └── APITimeoutError       the server did not answer in time
+    ├── APIStatusError            the server answered with an error (HTTP status, body, request_id)
+    │   ├── BadRequestError       400, 422: the request was rejected as invalid
+    │   ├── AuthenticationError   401: missing or wrong API key
+    │   ├── PermissionDeniedError 403: the key may not do this
+    │   ├── NotFoundError         404: unknown route, model or skill
+    │   ├── RateLimitError        429: too many requests (retried)
+    │   └── InternalServerError   5xx: the server failed (retried)
+    ├── ImageError                an input image cannot be used (missing, broken, too large, ...)
+    └── ResponseError             the server's answer is malformed or unexpected
+
+Example::
+
+    from moondream_tools import AsyncMoondream, MoondreamError, RateLimitError
+
+    try:
+        result = await md.detect("photo.jpg", "car")
+    except RateLimitError as exc:   # retries were exhausted
+        print("slow down:", exc.status_code, exc.request_id)
+    except MoondreamError as exc:
+        print("vision failed:", exc)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "MoondreamError",
+    "ConfigurationError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "RateLimitError",
+    "InternalServerError",
+    "ImageError",
+    "ResponseError",
+]
+
+
+class MoondreamError(Exception):
+    """Root of every error raised by moondream_tools on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigurationError(MoondreamError):
+    """The client cannot be configured as asked, e.g. no API key for Moondream Cloud."""
+
+
+class APIConnectionError(MoondreamError):
+    """The request did not get an HTTP answer: refused, reset, DNS or TLS failure."""
+
+
+class APITimeoutError(APIConnectionError):
+    """The server did not answer within the configured timeout."""
+
+
+class APIStatusError(MoondreamError):
+    """The server answered with an error.
+
+    Attributes:
+        status_code: the HTTP status (200 for a Moondream Station ``{"error": ...}`` answer).
+        body: the parsed JSON body, or the text of a non-JSON body (truncated), or None.
+        request_id: the server's request id when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: Any = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+        self.request_id = request_id
+
+
+class BadRequestError(APIStatusError):
+    """HTTP 400/422: the server rejected the request as invalid."""
+
+
+class AuthenticationError(APIStatusError):
+    """HTTP 401: the API key is missing or wrong."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """HTTP 403: the API key is not allowed to do this."""
+
+
+class NotFoundError(APIStatusError):
+    """HTTP 404, or a skill or model the server does not offer."""
+
+
+class RateLimitError(APIStatusError):
+    """HTTP 429, or Moondream Station's "queue full": too many requests. Retried."""
+
+
+class InternalServerError(APIStatusError):
+    """HTTP 5xx: the server failed. Retried."""
+
+
+class ImageError(MoondreamError):
+    """An input image cannot be used: missing, unreadable, not an image, truncated, too large."""
+
+
+class ResponseError(MoondreamError):
+    """The server's answer is malformed or not what the API promises.
+
+    Attributes:
+        request_id: the server's request id when it sent one.
+    """
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id

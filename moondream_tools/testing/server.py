@@ -1,0 +1,811 @@
+"""``FakeMoondream``: an offline emulator of the Moondream HTTP API.
+
+A real aiohttp server on 127.0.0.1 (free port) that speaks the Moondream wire
+format (``/v1/caption``, ``/query``, ``/detect``, ``/point``, ``/segment``,
+``/chat/completions``, ``/models``), answers from what a toy vision engine
+actually sees in the received image, records every request and can inject
+faults (HTTP errors, Moondream Station style 200 errors, malformed JSON,
+hangs, dropped connections).
+
+>>> async with FakeMoondream() as fake:                     # doctest: +SKIP
+...     # point any client at fake.base_url with fake.api_key
+...     fake.fail_next(status=429, retry_after="1")
+...     ...
+...     assert fake.requests[-1].path == "/v1/detect"
+
+Self-contained on purpose (stdlib, aiohttp, numpy, PIL): it never imports the
+client it is used to test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import re
+import secrets
+import time
+import warnings
+from contextvars import ContextVar
+from http import HTTPStatus
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+from . import engine
+from .engine import Found
+
+__all__ = ["FakeMoondream", "RecordedRequest", "answer_question", "make_caption"]
+
+SKILL_ROUTES = ("caption", "query", "detect", "point", "segment")
+DEFAULT_MODELS = ("moondream3-preview", "moondream2")
+
+# per-request "drop the connection after N events" (set by the middleware in
+# the handler's own task; a ContextVar keeps aiohttp's request storage clean)
+_DROP_AFTER: ContextVar[int | None] = ContextVar("fake_moondream_drop_after", default=None)
+
+_NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve".split()
+)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the emulator received it.
+
+    ``headers`` is a case-insensitive multidict copy (``headers["x-moondream-auth"]``
+    works), ``json`` the parsed body or None when the body was empty or not JSON.
+    """
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    json: Any
+    body: bytes = field(repr=False)
+    received_at: float
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Fault:
+    kind: str
+    remaining: int
+    status: int = 503
+    retry_after: str | None = None
+    body: str | None = None
+    content_type: str = "application/json"
+    message: str = ""
+    seconds: float = 0.0
+    after_events: int = 1
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def _request_id() -> str:
+    return "req_" + secrets.token_hex(8)
+
+
+def _sse(obj: Any) -> str:
+    return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
+
+
+def _words(text: str, per: int = 2) -> list[str]:
+    """Split text into pieces of ``per`` words (keeping spaces); join gives the text back."""
+    tokens = re.findall(r"\S+\s*|\s+", text)
+    return ["".join(tokens[i : i + per]) for i in range(0, len(tokens), per)] or ([text] if text else [])
+
+
+def _number(n: int) -> str:
+    return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
+
+
+def _plural(label: str) -> str:
+    return label + "s"
+
+
+def _with_article(label: str) -> str:
+    return ("an " if label[:1] in "aeiou" else "a ") + label
+
+
+def _join(items: Sequence[str]) -> str:
+    items = list(items)
+    if not items:
+        return ""
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _groups(found: Sequence[Found]) -> list[tuple[str, list[Found]]]:
+    groups: dict[str, list[Found]] = {}
+    for f in found:
+        groups.setdefault(f.label, []).append(f)
+    return list(groups.items())
+
+
+def _box(f: Found) -> dict[str, float]:
+    return {
+        "x_min": round(f.bbox[0], 6),
+        "y_min": round(f.bbox[1], 6),
+        "x_max": round(f.bbox[2], 6),
+        "y_max": round(f.bbox[3], 6),
+    }
+
+
+def make_caption(found: Sequence[Found], background: str, length: str = "normal") -> str:
+    """The emulator's caption for a list of found shapes."""
+    bg = f"{_with_article(background)} background"
+    if length == "short":
+        if not found:
+            return f"An empty {background} background."
+        n = len(found)
+        noun = "shape" if n == 1 else "shapes"
+        return f"{_number(n).capitalize()} {noun} on {bg}."
+    if not found:
+        text = f"A plain {background} background with no shapes."
+        return text
+    parts = []
+    groups = _groups(found)
+    for label, items in groups:
+        parts.append(_with_article(label) if len(items) == 1 else f"{_number(len(items))} {_plural(label)}")
+    text = _join(parts)
+    text = text[0].upper() + text[1:] + f" on {bg}."
+    if length == "long":
+        sentences = []
+        for label, items in groups:
+            where = _join([f"the {engine.position_name(*f.center)}" for f in items])
+            if len(items) == 1:
+                sentences.append(f"The {label} is at {where}.")
+            else:
+                sentences.append(f"The {_number(len(items))} {_plural(label)} are at {where}.")
+        text += " " + " ".join(sentences)
+    return text
+
+
+_STOP = re.compile(
+    r"\b(?:are|is|do|does|can|could|in|on|inside|there|visible|present|here|you|see|shown|within|of)\b"
+)
+
+
+def _cut_phrase(rest: str) -> str:
+    rest = re.split(r"[?.!,;]", rest, maxsplit=1)[0]
+    return _STOP.split(rest, maxsplit=1)[0].strip()
+
+
+class _Reasoning:
+    def __init__(self) -> None:
+        self.text = ""
+        self.grounding: list[dict[str, Any]] = []
+
+    def add(self, text: str) -> None:
+        self.text += text
+
+    def ground(self, text: str, shapes: Sequence[Found]) -> None:
+        start = len(self.text)
+        self.text += text
+        self.grounding.append(
+            {
+                "start_idx": start,
+                "end_idx": len(self.text),
+                "points": [[round(f.center[0], 6), round(f.center[1], 6)] for f in shapes],
+            }
+        )
+
+    def mention(self, shapes: Sequence[Found]) -> None:
+        for i, f in enumerate(shapes):
+            if i:
+                self.add(", " if i < len(shapes) - 1 else " and ")
+            self.add("the ")
+            self.ground(f.label, [f])
+            self.add(f" at the {engine.position_name(*f.center)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "grounding": self.grounding}
+
+
+CANNOT_ANSWER = (
+    "I can't answer that from this image; I can count shapes, say whether a shape "
+    "is present, or name a shape's color."
+)
+NO_IMAGE = "No image was provided, so I can't see anything to answer that about."
+
+
+def answer_question(question: str, found: Sequence[Found] | None) -> tuple[str, dict[str, Any]]:
+    """Answer a question about the found shapes; returns (answer, reasoning dict).
+
+    ``found`` None means no image was given.
+    """
+    r = _Reasoning()
+    if found is None:
+        r.add("The question comes without an image, so there is nothing to look at.")
+        return NO_IMAGE, r.as_dict()
+    q = " ".join(question.lower().split())
+
+    m = re.search(r"\bhow many\s+(.*)", q)
+    if m:
+        phrase = _cut_phrase(m.group(1))
+        hits = [f for f in found if engine.matches(phrase, f)]
+        r.add(f"Looking for {phrase or 'that'}. ")
+        if hits:
+            r.add("I see ")
+            r.mention(hits)
+            r.add(". ")
+        else:
+            r.add("I see none. ")
+        r.add(f"So the count is {len(hits)}.")
+        return str(len(hits)), r.as_dict()
+
+    m = re.search(r"\bwhat colou?rs?\s+(?:is|are)\s+(.*)", q)
+    if m:
+        phrase = _cut_phrase(m.group(1))
+        hits = [f for f in found if engine.matches(phrase, f)]
+        if not hits:
+            r.add(f"I looked for {phrase or 'that'} and found nothing.")
+            return f"I don't see any {phrase or 'such shape'} in this image.", r.as_dict()
+        colors: list[str] = []
+        for f in hits:
+            if f.color not in colors:
+                colors.append(f.color)
+        r.add("I see ")
+        r.mention(hits)
+        r.add(".")
+        return _join(colors), r.as_dict()
+
+    m = re.search(
+        r"\b(?:is there|are there|is there any|are there any|do you see|can you see|"
+        r"does (?:the|this) image (?:contain|have|show)|is an?)\s+(.*)",
+        q,
+    )
+    if m:
+        phrase = _cut_phrase(m.group(1))
+        hits = [f for f in found if engine.matches(phrase, f)]
+        r.add(f"Looking for {phrase or 'that'}. ")
+        if hits:
+            r.add("I see ")
+            r.mention(hits)
+            r.add(". So yes.")
+            return "Yes", r.as_dict()
+        r.add("I don't see any. So no.")
+        return "No", r.as_dict()
+
+    if found:
+        r.add("The image shows ")
+        r.mention(found)
+        r.add(", but the question is not about counting, presence or color.")
+    else:
+        r.add("The image shows no shapes, and the question is not about counting, presence or color.")
+    return CANNOT_ANSWER, r.as_dict()
+
+
+def _decode_image(url: Any) -> Image.Image:
+    if not isinstance(url, str) or not url:
+        raise _BadRequest("image_url is required")
+    if not url.startswith("data:"):
+        raise _BadRequest("image_url must be a base64 data URL (data:image/...;base64,...)")
+    header, sep, data = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise _BadRequest("image_url must be a base64 data URL (data:image/...;base64,...)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _BadRequest("image_url is not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(raw))
+            img.load()
+            return img.convert("RGB")
+    except Exception:
+        raise _BadRequest("could not decode the image") from None
+
+
+def _see(url: Any) -> tuple[Image.Image, list[Found]]:
+    img = _decode_image(url)
+    return img, engine.analyze(img)
+
+
+class FakeMoondream:
+    """Offline Moondream API on ``http://127.0.0.1:<port>/v1``.
+
+    ``api_key`` None accepts any caller (like Moondream Station). ``latency``
+    (settable) is slept before each answer; ``stream_interval`` (settable) is
+    slept between SSE events. Faults are FIFO: each injector applies to the
+    next ``count`` requests once the faults injected before it are used up.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = "test-key",
+        *,
+        latency: float = 0.0,
+        stream_text_key: str = "chunk",
+        max_objects_default: int = 50,
+        models: list[str] | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self.latency = latency
+        self.stream_text_key = stream_text_key
+        self.max_objects_default = max_objects_default
+        self.models = list(models) if models is not None else list(DEFAULT_MODELS)
+        self.stream_interval = 0.0
+        self.requests: list[RecordedRequest] = []
+        self._faults: list[_Fault] = []
+        self._runner: web.AppRunner | None = None
+        self._closing: asyncio.Event | None = None
+        self._port: int | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("FakeMoondream is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Server root, ``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """API base, ``http://127.0.0.1:<port>/v1``."""
+        return f"{self.url}/v1"
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        self._closing = asyncio.Event()
+        app = web.Application(middlewares=[self._make_middleware()], client_max_size=64 * 1024 * 1024)
+        for name in SKILL_ROUTES:
+            app.router.add_post(f"/v1/{name}", getattr(self, f"_h_{name}"))
+        app.router.add_post("/v1/chat/completions", self._h_chat)
+        app.router.add_get("/v1/models", self._h_models)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        if self._closing is not None:
+            self._closing.set()  # wakes hanging / slow handlers
+        await runner.cleanup()
+        self._port = None
+
+    async def __aenter__(self) -> FakeMoondream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- fault injection --------------------------------------------------------
+
+    def fail_next(
+        self,
+        count: int = 1,
+        *,
+        status: int = 503,
+        retry_after: str | None = None,
+        body: str | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        """Answer the next ``count`` requests with HTTP ``status`` (body None -> {"error": reason})."""
+        self._add(_Fault("fail", count, status=status, retry_after=retry_after, body=body, content_type=content_type))
+
+    def station_error_next(self, count: int = 1, message: str = "queue full") -> None:
+        """Answer with HTTP 200 and ``{"error": message}``, as Moondream Station does."""
+        self._add(_Fault("station", count, message=message))
+
+    def malformed_next(self, count: int = 1) -> None:
+        """Answer with HTTP 200, JSON content type and a truncated, invalid JSON body."""
+        self._add(_Fault("malformed", count))
+
+    def hang_next(self, count: int = 1, seconds: float = 30.0) -> None:
+        """Sleep ``seconds`` before sending headers (cut short when the server closes)."""
+        self._add(_Fault("hang", count, seconds=seconds))
+
+    def drop_stream_next(self, count: int = 1, *, after_events: int = 1) -> None:
+        """Cut the connection: SSE after ``after_events`` events (never the final one);
+        plain JSON mid-body, after headers that promise a longer Content-Length."""
+        self._add(_Fault("drop", count, after_events=after_events))
+
+    def reset(self) -> None:
+        """Clear pending faults and recorded requests."""
+        self._faults.clear()
+        self.requests.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        return sum(f.remaining for f in self._faults)
+
+    def _add(self, fault: _Fault) -> None:
+        if fault.remaining < 1:
+            raise ValueError("count must be at least 1")
+        self._faults.append(fault)
+
+    def _take_fault(self) -> _Fault | None:
+        if not self._faults:
+            return None
+        fault = self._faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self._faults.pop(0)
+        return fault
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        assert self._closing is not None
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _make_middleware(self):
+        @web.middleware
+        async def middleware(request: web.Request, handler):
+            body = await request.read()
+            parsed: Any = None
+            if body:
+                try:
+                    parsed = json.loads(body)
+                except ValueError:
+                    parsed = None
+            self.requests.append(
+                RecordedRequest(
+                    method=request.method,
+                    path=request.path,
+                    headers=request.headers.copy(),
+                    json=parsed,
+                    body=body,
+                    received_at=time.time(),
+                    query=dict(request.query),
+                )
+            )
+            await self._sleep(self.latency)
+            fault = self._take_fault()
+            if fault is not None:
+                if fault.kind == "hang":
+                    await self._sleep(fault.seconds)
+                elif fault.kind == "fail":
+                    headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+                    text = fault.body
+                    if text is None:
+                        try:
+                            reason = HTTPStatus(fault.status).phrase
+                        except ValueError:
+                            reason = "error"
+                        text = json.dumps({"error": reason})
+                    return web.Response(
+                        status=fault.status, text=text, headers=headers, content_type=fault.content_type
+                    )
+                elif fault.kind == "station":
+                    return web.json_response({"error": fault.message})
+                elif fault.kind == "malformed":
+                    return web.Response(
+                        status=200, body=b'{"result": {"answer": "tru', content_type="application/json"
+                    )
+                elif fault.kind == "drop":
+                    _DROP_AFTER.set(max(0, fault.after_events))
+            try:
+                return await handler(request)
+            except _BadRequest as exc:
+                return self._error(exc.status, exc.message)
+            except web.HTTPException as exc:
+                if exc.status >= 400:
+                    return self._error(exc.status, exc.reason)
+                raise
+
+        return middleware
+
+    @staticmethod
+    def _error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    def _check_auth(self, request: web.Request, *, bearer: bool) -> None:
+        if self.api_key is None:
+            return
+        if bearer:
+            ok = request.headers.get("Authorization", "") == f"Bearer {self.api_key}"
+        else:
+            ok = request.headers.get("X-Moondream-Auth", "") == self.api_key
+        if not ok:
+            raise _BadRequest("Invalid or missing API key", status=401)
+
+    async def _body(self, request: web.Request, *, bearer: bool = False) -> dict[str, Any]:
+        self._check_auth(request, bearer=bearer)
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            raise _BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _BadRequest("request body must be a JSON object")
+        settings = body.get("settings")
+        if settings is not None and not isinstance(settings, dict):
+            raise _BadRequest("settings must be an object")
+        return body
+
+    @staticmethod
+    def _text_field(body: Mapping[str, Any], name: str) -> str:
+        value = body.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise _BadRequest(f"{name} is required")
+        return value
+
+    def _max_objects(self, body: Mapping[str, Any]) -> int:
+        settings = body.get("settings") or {}
+        value = settings.get("max_objects", self.max_objects_default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _BadRequest("settings.max_objects must be a positive integer")
+        return value
+
+    @staticmethod
+    def _spatial_refs(body: Mapping[str, Any]) -> list[tuple[float, float]]:
+        refs = body.get("spatial_refs")
+        if refs is None:
+            return []
+        if not isinstance(refs, list):
+            raise _BadRequest("spatial_refs must be a list of [x, y] points or [x1, y1, x2, y2] boxes")
+        out = []
+        for ref in refs:
+            if (
+                not isinstance(ref, list)
+                or len(ref) not in (2, 4)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in ref)
+            ):
+                raise _BadRequest("spatial_refs must be a list of [x, y] points or [x1, y1, x2, y2] boxes")
+            if len(ref) == 2:
+                out.append((float(ref[0]), float(ref[1])))
+            else:
+                out.append(((ref[0] + ref[2]) / 2.0, (ref[1] + ref[3]) / 2.0))
+        return out
+
+    async def _json(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+        rid = _request_id()
+        payload = {**payload, "request_id": rid}
+        data = json.dumps(payload).encode()
+        headers = {"X-Request-Id": rid}
+        drop = _DROP_AFTER.get()
+        if drop is None:
+            return web.Response(body=data, status=200, content_type="application/json", headers=headers)
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_type = "application/json"
+        resp.content_length = len(data) + 64
+        await resp.prepare(request)
+        await resp.write(data[: len(data) // 2])
+        self._cut(request)
+        return resp
+
+    async def _stream(self, request: web.Request, events: list[str], rid: str) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200, headers={"Cache-Control": "no-cache", "X-Request-Id": rid}
+        )
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        drop = _DROP_AFTER.get()
+        limit = len(events) if drop is None else min(drop, len(events) - 1)
+        for i, event in enumerate(events[:limit]):
+            if i and self.stream_interval > 0:
+                await self._sleep(self.stream_interval)
+            await resp.write(event.encode())
+        if drop is not None:
+            self._cut(request)
+            return resp
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _cut(request: web.Request) -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+
+    def _text_events(self, text: str, rid: str, extra: Mapping[str, Any] | None = None) -> list[str]:
+        events = [_sse({self.stream_text_key: piece}) for piece in _words(text)]
+        final: dict[str, Any] = {"completed": True, "request_id": rid}
+        if extra:
+            final.update(extra)
+        events.append(_sse(final))
+        return events
+
+    # -- skills -------------------------------------------------------------------
+
+    async def _h_caption(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        length = body.get("length", "normal")
+        if length not in ("short", "normal", "long"):
+            raise _BadRequest("length must be one of 'short', 'normal', 'long'")
+        img, found = await asyncio.to_thread(_see, body.get("image_url"))
+        background = await asyncio.to_thread(engine.background_name, img, found)
+        caption = make_caption(found, background, length)
+        if body.get("stream"):
+            rid = _request_id()
+            return await self._stream(request, self._text_events(caption, rid), rid)
+        return await self._json(request, {"caption": caption})
+
+    async def _h_query(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        question = self._text_field(body, "question")
+        self._spatial_refs(body)
+        found = None
+        if body.get("image_url") is not None:
+            _, found = await asyncio.to_thread(_see, body.get("image_url"))
+        answer, reasoning = answer_question(question, found)
+        want_reasoning = bool(body.get("reasoning"))
+        if body.get("stream"):
+            rid = _request_id()
+            extra = {"reasoning": reasoning} if want_reasoning else None
+            return await self._stream(request, self._text_events(answer, rid, extra), rid)
+        payload: dict[str, Any] = {"answer": answer}
+        if want_reasoning:
+            payload["reasoning"] = reasoning
+        return await self._json(request, payload)
+
+    async def _located(self, request: web.Request) -> tuple[dict[str, Any], list[Found], int]:
+        body = await self._body(request)
+        phrase = self._text_field(body, "object")
+        cap = self._max_objects(body)
+        refs = self._spatial_refs(body)
+        _, found = await asyncio.to_thread(_see, body.get("image_url"))
+        hits = [f for f in found if engine.matches(phrase, f)]
+        if refs:
+            hits = [f for f in hits if any(f.contains(x, y) for x, y in refs)]
+        return body, hits, cap
+
+    async def _h_detect(self, request: web.Request) -> web.StreamResponse:
+        _, hits, cap = await self._located(request)
+        return await self._json(request, {"objects": [_box(f) for f in hits[:cap]]})
+
+    async def _h_point(self, request: web.Request) -> web.StreamResponse:
+        _, hits, cap = await self._located(request)
+        points = [{"x": round(f.center[0], 6), "y": round(f.center[1], 6)} for f in hits[:cap]]
+        return await self._json(request, {"points": points})
+
+    async def _h_segment(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        phrase = self._text_field(body, "object")
+        refs = self._spatial_refs(body)
+        _, found = await asyncio.to_thread(_see, body.get("image_url"))
+        hits = [f for f in found if engine.matches(phrase, f)]
+        target = _pick(hits, refs)
+        if target is None:
+            path, coarse, bbox = "", "", None
+        else:
+            path, coarse = await asyncio.to_thread(lambda: (target.refined_path(), target.coarse_path()))
+            bbox = _box(target)
+        if body.get("stream"):
+            rid = _request_id()
+            events = []
+            if bbox is not None:
+                events.append(_sse({"type": "bbox", "bbox": bbox}))
+                for piece in engine.split_path_chunks(coarse):
+                    events.append(_sse({"type": "path_delta", "chunk": piece, "completed": False}))
+            events.append(
+                _sse({"type": "final", "path": path, "bbox": bbox, "completed": True, "request_id": rid})
+            )
+            return await self._stream(request, events, rid)
+        return await self._json(request, {"path": path, "bbox": bbox})
+
+    # -- OpenAI-compatible ----------------------------------------------------------
+
+    async def _h_models(self, request: web.Request) -> web.StreamResponse:
+        self._check_auth(request, bearer=True)
+        data = [{"id": m, "object": "model", "owned_by": "moondream"} for m in self.models]
+        return await self._json(request, {"object": "list", "data": data})
+
+    async def _h_chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, bearer=True)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("messages must be a non-empty list")
+        question, image_url = _chat_inputs(messages)
+        if not question:
+            raise _BadRequest("the last user message has no text")
+        found = None
+        if image_url is not None:
+            _, found = await asyncio.to_thread(_see, image_url)
+        answer, reasoning = answer_question(question, found)
+        want_reasoning = bool(body.get("reasoning"))
+        model = body.get("model") if isinstance(body.get("model"), str) else self.models[0]
+        cid = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+        completion_tokens = len(answer.split()) + (len(reasoning["text"].split()) if want_reasoning else 0)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if body.get("stream"):
+            base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+                return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+            events = [chunk({"role": "assistant", "content": ""})]
+            if want_reasoning:
+                events += [chunk({"reasoning": piece}) for piece in _words(reasoning["text"], 4)]
+            events += [chunk({"content": piece}) for piece in _words(answer)]
+            events.append(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}))
+            events.append("data: [DONE]\n\n")
+            return await self._stream(request, events, cid)
+        message: dict[str, Any] = {"role": "assistant", "content": answer}
+        if want_reasoning:
+            message["reasoning"] = reasoning["text"]
+        payload = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+        return await self._json(request, payload)
+
+
+def _pick(hits: list[Found], refs: list[tuple[float, float]]) -> Found | None:
+    if not hits:
+        return None
+    if not refs:
+        return hits[0]
+    x, y = refs[0]
+    for f in hits:
+        if f.contains(x, y):
+            return f
+    for f in hits:
+        if f.bbox[0] <= x <= f.bbox[2] and f.bbox[1] <= y <= f.bbox[3]:
+            return f
+    return min(hits, key=lambda f: (f.center[0] - x) ** 2 + (f.center[1] - y) ** 2)
+
+
+def _chat_inputs(messages: list[Any]) -> tuple[str, str | None]:
+    """(text of the last user message, URL of the last image in the conversation)."""
+    question = ""
+    image_url: str | None = None
+    for msg in messages:
+        if not isinstance(msg, dict):
+            raise _BadRequest("each message must be an object with role and content")
+        content = msg.get("content")
+        texts: list[str] = []
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    raise _BadRequest("content parts must be objects")
+                if part.get("type") == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif part.get("type") == "image_url":
+                    ref = part.get("image_url")
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    if not isinstance(url, str):
+                        raise _BadRequest("image_url parts need a url")
+                    image_url = url
+        elif content is not None:
+            raise _BadRequest("message content must be a string or a list of parts")
+        if msg.get("role") == "user" and texts:
+            question = " ".join(texts)
+    return question, image_url
