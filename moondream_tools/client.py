@@ -29,7 +29,7 @@ import random
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypedDict, TypeVar
 
@@ -590,14 +590,16 @@ class AsyncMoondream:
             started = False
             while True:
                 try:
-                    async for event in self._sse_events(route, url, payload, headers, options, stream):
-                        started = True
-                        items, done = convert(stream, event)
-                        for item in items:
-                            yield item
-                        if done:
-                            stream.completed = True
-                            return
+                    sse = self._sse_events(route, url, payload, headers, options, stream)
+                    async with aclosing(sse):  # closing this stream closes the response now
+                        async for event in sse:
+                            started = True
+                            items, done = convert(stream, event)
+                            for item in items:
+                                yield item
+                            if done:
+                                stream.completed = True
+                                return
                     raise ResponseError(
                         f"{route}: the stream ended before its final event", request_id=stream.request_id
                     )

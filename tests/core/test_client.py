@@ -561,3 +561,25 @@ def test_client_shared_across_asyncio_run_calls() -> None:
     import gc
 
     gc.collect()
+
+
+# ------------------------------------------------------------------ the key never leaks
+
+
+async def test_key_is_redacted_from_errors_and_logs(
+    fake: FakeMoondream, delays: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="moondream_tools")
+    key = fake.api_key
+    assert key
+    async with AsyncMoondream(api_key=key, base_url=fake.base_url) as md:
+        fake.fail_next(1, status=503, body=f'{{"error": "upstream refused key {key}"}}')
+        fake.fail_next(1, status=400, body=f'{{"error": "bad request from key {key}"}}')
+        with pytest.raises(BadRequestError) as info:
+            await md.detect(three_shapes().render(), "circle")
+        await md.detect(three_shapes().render(), "circle")
+    assert "[redacted]" in str(info.value)
+    everything = " ".join([str(info.value), repr(info.value.body), repr(md), caplog.text])
+    assert key not in everything
+    assert any("POST /detect" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
+    assert any("retrying POST /detect" in r.getMessage() for r in caplog.records)
