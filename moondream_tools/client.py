@@ -344,12 +344,7 @@ class AsyncMoondream:
             _abandon_session(session)
 
     def _new_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
-        return aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": self._user_agent},
-            json_serialize=json.dumps,
-        )
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300))
 
     @asynccontextmanager
     async def _session_scope(self) -> AsyncIterator[aiohttp.ClientSession]:
@@ -415,10 +410,10 @@ class AsyncMoondream:
             cars = await md.detect(prepared, "car")
             people = await md.point(prepared, "person")
         """
-        if isinstance(image, PreparedImage):
-            return image
-        async with self._session_scope() as session:
-            return await prepare_image(image, settings=self.image_settings, session=session)
+        if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://")):
+            async with self._session_scope() as session:
+                return await prepare_image(image, settings=self.image_settings, session=session)
+        return await prepare_image(image, settings=self.image_settings)
 
     def _retry_delay(self, error: MoondreamError, attempt: int, options: _CallOptions) -> float | None:
         """Seconds to wait before retrying after ``error``, or None to give up."""

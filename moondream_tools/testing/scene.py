@@ -236,7 +236,10 @@ class Scene:
 
         Shapes lie fully inside the image; unless ``allow_overlap`` their boxes
         keep ``margin`` pixels apart. When a shape cannot be placed after many
-        tries the scene simply has fewer shapes.
+        tries the scene simply has fewer shapes. With ``allow_overlap`` the
+        truth keeps each shape's drawn kind, while the engine names what it
+        sees: a square occluded down to a sliver may read as a triangle, and
+        touching shapes of one colour merge into one.
         """
         rng = random.Random(seed)
         lo, hi = (count, count) if isinstance(count, int) else count

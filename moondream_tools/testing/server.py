@@ -594,8 +594,11 @@ class FakeMoondream:
         resp = web.StreamResponse(status=200, headers=headers)
         resp.content_type = "application/json"
         resp.content_length = len(data) + 64
-        await resp.prepare(request)
-        await resp.write(data[: len(data) // 2])
+        try:
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+        except ConnectionError:
+            pass
         self._cut(request)
         return resp
 
@@ -604,17 +607,20 @@ class FakeMoondream:
             status=200, headers={"Cache-Control": "no-cache", "X-Request-Id": rid}
         )
         resp.content_type = "text/event-stream"
-        await resp.prepare(request)
         drop = _DROP_AFTER.get()
         limit = len(events) if drop is None else min(drop, len(events) - 1)
-        for i, event in enumerate(events[:limit]):
-            if i and self.stream_interval > 0:
-                await self._sleep(self.stream_interval)
-            await resp.write(event.encode())
-        if drop is not None:
-            self._cut(request)
-            return resp
-        await resp.write_eof()
+        try:
+            await resp.prepare(request)
+            for i, event in enumerate(events[:limit]):
+                if i and self.stream_interval > 0:
+                    await self._sleep(self.stream_interval)
+                await resp.write(event.encode())
+            if drop is not None:
+                self._cut(request)
+                return resp
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client went away mid-stream: nothing to report
         return resp
 
     @staticmethod

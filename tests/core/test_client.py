@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import io
 import time
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -583,3 +584,73 @@ async def test_key_is_redacted_from_errors_and_logs(
     assert key not in everything
     assert any("POST /detect" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
     assert any("retrying POST /detect" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ malformed answers and URL images
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"objects": null}', "objects"),
+        ('{"objects": [{"x_min": 0.1, "y_min": 0.1, "x_max": NaN, "y_max": 0.3}]}', "x_max"),
+        ('{"objects": [{"x_min": "left"}]}', "objects"),
+        ('["not", "an", "object"]', "expected a JSON object"),
+    ],
+)
+async def test_wrong_types_are_response_errors(
+    fake: FakeMoondream, client: AsyncMoondream, body: str, message: str
+) -> None:
+    fake.fail_next(1, status=200, body=body)
+    with pytest.raises(ResponseError, match=message):
+        await client.detect(three_shapes().render(), "circle")
+
+
+async def test_numbers_as_strings_are_read_as_numbers(fake: FakeMoondream, client: AsyncMoondream) -> None:
+    fake.fail_next(1, status=200, body='{"points": [{"x": "0.25", "y": "0.5"}], "request_id": "r1"}')
+    result = await client.point(three_shapes().render(), "circle")
+    assert result.request_id == "r1"
+    assert result.to_pixels()[0].x == 160 and result.to_pixels()[0].y == 240
+
+
+async def test_stream_without_final_event_is_a_response_error(fake: FakeMoondream, client: AsyncMoondream) -> None:
+    fake.fail_next(1, status=200, body='data: {"chunk": "A red"}\n\n', content_type="text/event-stream")
+    with pytest.raises(ResponseError, match="ended before its final event"):
+        async for _ in client.stream_caption(three_shapes().render()):
+            pass
+
+
+@pytest.fixture
+async def image_host() -> Any:
+    """A loopback web server serving an image, a 404 and a text page."""
+    from aiohttp import web
+
+    png = io.BytesIO()
+    three_shapes().render().save(png, "PNG")
+
+    async def image(_: web.Request) -> web.Response:
+        return web.Response(body=png.getvalue(), content_type="image/png")
+
+    async def text(_: web.Request) -> web.Response:
+        return web.Response(text="hello, not an image")
+
+    app = web.Application()
+    app.router.add_get("/shapes.png", image)
+    app.router.add_get("/page.txt", text)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_http_image_urls(image_host: str, client: AsyncMoondream) -> None:
+    result = await client.detect(f"{image_host}/shapes.png", "square")
+    assert len(result.objects) == 1 and result.image_size is not None
+    assert result.image_size.as_tuple() == (640, 480)
+    with pytest.raises(ImageError, match="HTTP 404"):
+        await client.detect(f"{image_host}/missing.png", "square")
+    with pytest.raises(ImageError, match="not an image"):
+        await client.detect(f"{image_host}/page.txt", "square")
