@@ -34,6 +34,7 @@ from .errors import (
     ResponseError,
 )
 from .images import ImageInput, ImageSettings, PreparedImage
+from .render import annotate, annotate_png
 from .results import (
     Answer,
     Box,
@@ -68,6 +69,9 @@ __all__ = [
     "ImageInput",
     "ImageSettings",
     "PreparedImage",
+    # rendering
+    "annotate",
+    "annotate_png",
     # results
     "Answer",
     "Box",

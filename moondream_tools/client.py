@@ -848,7 +848,9 @@ class AsyncMoondream:
             settings=_settings(settings),
         )
         data, rid = await self._request_json("POST", route, body, "skill", options)
-        return parse_result(cls, data, what=route, request_id=rid, image_size=prepared.size)  # type: ignore[type-var]
+        return parse_result(  # type: ignore[type-var]
+            cls, data, what=route, request_id=rid, image_size=prepared.size, object=object
+        )
 
     # ------------------------------------------------------------------ streams
 
@@ -948,6 +950,8 @@ class AsyncMoondream:
         refs = _spatial_refs(spatial_refs)
         body: dict[str, Any] = {}
         size: list[ImageSize] = []
+        coarse: list[str] = []  # the coarse path so far
+        first_bbox: list[Box] = []
 
         async def prepare() -> None:
             prepared = await self.prepare(image)
@@ -963,15 +967,23 @@ class AsyncMoondream:
             if kind == "bbox":
                 bbox = parse_result(SegmentBBoxEvent, event, what="/segment stream", request_id=rid,
                                     image_size=size[0])
+                first_bbox[:] = first_bbox or [bbox.bbox]
                 return [bbox], False
             if kind == "path_delta":
                 chunk = event.get("chunk")
                 if not isinstance(chunk, str):
                     raise ResponseError("/segment stream: path_delta without a text chunk", request_id=rid)
-                return ([SegmentPathDeltaEvent(chunk=chunk)] if chunk else []), False
+                if not chunk:
+                    return [], False
+                coarse.append(chunk)
+                partial = Segmentation(
+                    path="".join(coarse), bbox=first_bbox[0] if first_bbox else None, object=object,
+                    partial=True, image_size=size[0], request_id=rid,
+                )
+                return [SegmentPathDeltaEvent(chunk=chunk, segmentation=partial)], False
             if kind == "final":
                 seg = parse_result(Segmentation, event, what="/segment stream", request_id=rid,
-                                   image_size=size[0])
+                                   image_size=size[0], object=object)
                 return [SegmentFinalEvent(segmentation=seg)], True
             if event.get("__done__"):
                 raise ResponseError("/segment stream: ended without a final event", request_id=rid)

@@ -18,12 +18,29 @@ supervision reads it unchanged::
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from xml.sax.saxutils import escape as xml_escape
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ResponseError
-from .geometry import box_to_pixels, point_to_pixels
+from .geometry import (
+    Ring,
+    box_to_pixels,
+    mask_to_rle,
+    nest_rings,
+    point_to_pixels,
+    rasterize,
+    ring_area,
+    rle_to_string,
+    segment_rings,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy
+    import supervision
 
 __all__ = [
     "ImageSize",
@@ -188,6 +205,18 @@ class Answer(_Result):
         ]
 
 
+def _import_optional(module: str, extra: str) -> Any:
+    """Import an optional dependency or say exactly how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"this needs the optional package {extra!r}: pip install {extra}"
+        ) from None
+
+
 class Detections(_Result):
     """Boxes found by ``detect``, normalized as returned.
 
@@ -201,11 +230,26 @@ class Detections(_Result):
     """
 
     objects: list[Box]
+    object: str | None = None
 
     def to_pixels(self) -> list[PixelBox]:
         """Every box in pixels of the oriented image."""
         size = _require_size(self.image_size)
         return [box.to_pixels(size) for box in self.objects]
+
+    def to_supervision(self) -> supervision.Detections:
+        """These boxes as ``supervision.Detections`` (pixels; ``data["class_name"]`` = object).
+
+        supervision is optional: ``pip install supervision``.
+        """
+        sv = _import_optional("supervision", "supervision")
+        import numpy as np
+
+        boxes = [(b.x_min, b.y_min, b.x_max, b.y_max) for b in self.to_pixels()]
+        xyxy = np.array(boxes, dtype=float).reshape(-1, 4)
+        return sv.Detections(
+            xyxy=xyxy, data={"class_name": np.array([self.object or "object"] * len(boxes))}
+        )
 
 
 class Points(_Result):
@@ -218,6 +262,7 @@ class Points(_Result):
     """
 
     points: list[Point]
+    object: str | None = None
 
     def to_pixels(self) -> list[PixelPoint]:
         """Every point in pixels of the oriented image."""
@@ -226,21 +271,29 @@ class Points(_Result):
 
 
 class Segmentation(_Result):
-    """A segmentation mask as Moondream returns it.
+    """A segmentation mask: Moondream's path plus everything code needs from it.
 
     ``path`` is SVG path data whose coordinates are normalized to ``bbox`` (not to the
     image); ``bbox`` is normalized to the image. An empty ``path`` with ``bbox=None``
-    means nothing matching was found.
+    means nothing matching was found. Pixel values are in the oriented image
+    (``image_size``); holes and islands follow the even-odd rule.
+
+    ``partial`` marks the coarse mask of a stream in progress: its path may end
+    mid-command, and only its complete commands are drawn.
 
     Example::
 
         result = await md.segment("street.jpg", "car")
-        if result.bbox is not None:
-            print(result.bbox.to_pixels(result.image_size), len(result.path))
+        if result.found:
+            print(result.bbox_px, result.area_px, f"{result.area_fraction:.1%}")
+            result.mask().save("car-mask.png")
+            coco = result.to_rle(compressed=True)
     """
 
     path: str
     bbox: Box | None = None
+    object: str | None = None
+    partial: bool = False
 
     @field_validator("path", mode="before")
     @classmethod
@@ -252,6 +305,124 @@ class Segmentation(_Result):
         """Whether the server returned a mask."""
         return bool(self.path) and self.bbox is not None
 
+    def _size(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        return size if size is not None else _require_size(self.image_size).as_tuple()
+
+    def rings(self, size: tuple[int, int] | None = None, *, tolerance: float = 0.25) -> list[Ring]:
+        """Outline rings (outer boundaries and holes) in pixels of ``size`` (default: image_size).
+
+        Curves are flattened to within ``tolerance`` pixels.
+        """
+        if not self.found:
+            return []
+        assert self.bbox is not None
+        width, height = self._size(size)
+        box = (self.bbox.x_min, self.bbox.y_min, self.bbox.x_max, self.bbox.y_max)
+        return segment_rings(self.path, box, width, height, tolerance=tolerance, partial=self.partial)
+
+    @cached_property
+    def polygons(self) -> list[Ring]:
+        """Outline rings in pixels of the oriented image: outer boundaries and holes."""
+        return self.rings()
+
+    @property
+    def bbox_px(self) -> PixelBox | None:
+        """The mask's bbox in pixels of the oriented image (None when nothing was found)."""
+        if self.bbox is None:
+            return None
+        return self.bbox.to_pixels(_require_size(self.image_size))
+
+    def mask(self, mode: Literal["1", "L"] = "1", size: tuple[int, int] | None = None) -> Image.Image:
+        """The filled mask at ``size`` (default: the oriented image size): 255 inside, 0 outside."""
+        width, height = self._size(size)
+        if size is None:
+            return rasterize(self.polygons, width, height, mode=mode)
+        return rasterize(self.rings(size), width, height, mode=mode)
+
+    @cached_property
+    def _full_mask(self) -> Image.Image:
+        return self.mask()
+
+    @cached_property
+    def area_px(self) -> int:
+        """Pixels inside the mask (holes subtracted), in the oriented image."""
+        return self._full_mask.convert("L").histogram()[255]
+
+    @property
+    def area_fraction(self) -> float:
+        """``area_px`` as a fraction of the image (0..1)."""
+        width, height = _require_size(self.image_size).as_tuple()
+        return self.area_px / (width * height)
+
+    def to_numpy(self, size: tuple[int, int] | None = None) -> numpy.ndarray:
+        """The mask as a bool array shaped (height, width). Needs numpy."""
+        np = _import_optional("numpy", "numpy")
+        mask = self._full_mask if size is None else self.mask(size=size)
+        return np.asarray(mask.convert("L"), dtype=np.uint8) > 0
+
+    def to_rle(self, compressed: bool = False) -> dict[str, Any]:
+        """COCO run-length encoding of the full mask, as pycocotools writes it.
+
+        ``{"size": [height, width], "counts": [...]}`` with column-major counts, or with
+        ``compressed=True`` the compact ``counts`` string pycocotools produces.
+        """
+        rle = mask_to_rle(self._full_mask)
+        if compressed:
+            return {"size": rle["size"], "counts": rle_to_string(rle["counts"])}
+        return rle
+
+    def to_svg(self, *, color: str = "#ff3b30", opacity: float = 0.5) -> str:
+        """An SVG document in image pixel space that overlays the image (even-odd fill)."""
+        width, height = _require_size(self.image_size).as_tuple()
+        d = " ".join(
+            "M" + "L".join(f"{x:.2f},{y:.2f}" for x, y in ring) + "Z" for ring in self.polygons
+        )
+        title = f"<title>{_xml_escape(self.object)}</title>" if self.object else ""
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
+            f' viewBox="0 0 {width} {height}">{title}'
+            f'<path d="{d}" fill="{_xml_escape(color)}" fill-opacity="{opacity}"'
+            f' fill-rule="evenodd" stroke="{_xml_escape(color)}" stroke-width="1"/></svg>'
+        )
+
+    def to_geojson(self) -> dict[str, Any]:
+        """A GeoJSON-style ``MultiPolygon`` in image pixels (x right, y down).
+
+        Each polygon is an outer ring followed by its holes; rings are closed (first
+        point repeated), outer rings wound opposite to holes.
+        """
+        polygons = []
+        for outer, holes in nest_rings(self.polygons):
+            rings = [_closed(outer, positive=True)] + [_closed(h, positive=False) for h in holes]
+            polygons.append(rings)
+        return {"type": "MultiPolygon", "coordinates": polygons}
+
+    def to_supervision(self) -> supervision.Detections:
+        """This mask as ``supervision.Detections`` with one box and its mask.
+
+        supervision is optional: ``pip install supervision``.
+        """
+        sv = _import_optional("supervision", "supervision")
+        import numpy as np
+
+        if not self.found or self.bbox_px is None:
+            return sv.Detections.empty()
+        box = self.bbox_px
+        return sv.Detections(
+            xyxy=np.array([[box.x_min, box.y_min, box.x_max, box.y_max]], dtype=float),
+            mask=self.to_numpy()[None, ...],
+            data={"class_name": np.array([self.object or "object"])},
+        )
+
+
+def _closed(ring: Ring, *, positive: bool) -> list[list[float]]:
+    points = list(ring) if (ring_area(ring) >= 0) == positive else list(reversed(ring))
+    return [[x, y] for x, y in points + points[:1]]
+
+
+def _xml_escape(text: str) -> str:
+    return xml_escape(text, {'"': "&quot;"})
+
 
 class SegmentBBoxEvent(_Frozen):
     """First event of a streamed segmentation: the object's box, before any path."""
@@ -262,10 +433,19 @@ class SegmentBBoxEvent(_Frozen):
 
 
 class SegmentPathDeltaEvent(_Frozen):
-    """A chunk of the coarse path (space-separated, relative to the first bbox)."""
+    """A chunk of the coarse path (space-separated, relative to the first bbox).
+
+    ``segmentation`` is the coarse mask so far (``partial=True``), drawable before the
+    refined one arrives::
+
+        async for event in md.stream_segment(img, "car"):
+            if event.type == "path_delta":
+                preview = event.segmentation.mask()
+    """
 
     type: Literal["path_delta"] = "path_delta"
     chunk: str
+    segmentation: Segmentation
 
 
 class SegmentFinalEvent(_Frozen):
@@ -311,11 +491,12 @@ def parse_result(
     *,
     what: str,
     request_id: str | None = None,
-    image_size: ImageSize | None = None,
+    **context: Any,
 ) -> _R:
     """Validate a server answer into ``cls``; a malformed answer becomes :class:`ResponseError`.
 
-    ``request_id`` and ``image_size`` are set on the result when ``cls`` has those fields.
+    ``request_id`` and the ``context`` values (e.g. ``image_size``, ``object``) are set on
+    the result when ``cls`` has those fields.
     """
     if not isinstance(data, dict):
         raise ResponseError(
@@ -323,10 +504,9 @@ def parse_result(
             request_id=request_id,
         )
     payload = dict(data)
-    if "request_id" in cls.model_fields:
-        payload["request_id"] = request_id
-    if "image_size" in cls.model_fields:
-        payload["image_size"] = image_size
+    for name, value in {"request_id": request_id, **context}.items():
+        if name in cls.model_fields:
+            payload[name] = value
     try:
         return cls.model_validate(payload)
     except ValidationError as exc:

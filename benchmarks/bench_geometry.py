@@ -1,0 +1,125 @@
+"""Benchmark: decode and rasterize a refined Moondream segment path on a 12 MP image.
+
+Builds a wobbly closed outline of 2,000 points (1,500 ``C`` and 500 ``L`` commands) in
+Moondream's compact bbox-relative format (``M.439,.996C.372,.988,...z``), with a bbox
+covering about half of a 4000x3000 image, then times:
+
+- parse:      ``parse_path``
+- flatten:    ``segment_rings`` (parse + flatten curves to 0.25 px)
+- rasterize:  ``rasterize`` of the rings into a full-size mode "1" mask
+- decode+rasterize: both, as ``Segmentation.mask()`` does
+- rle:        ``mask_to_rle`` + ``rle_to_string`` of the mask
+
+Run from the repo root::
+
+    .venv/bin/python benchmarks/bench_geometry.py
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moondream_tools.geometry import (  # noqa: E402
+    mask_to_rle,
+    parse_path,
+    rasterize,
+    rle_to_string,
+    segment_rings,
+)
+
+WIDTH, HEIGHT = 4000, 3000
+BBOX = (0.15, 0.1, 0.85, 0.9)  # ~56% of the image
+POINTS = 2000
+TARGET_MS = 50.0
+RUNS = 20
+
+
+def _fmt(v: float) -> str:
+    """3 decimals, leading zero dropped, like Moondream's refined paths."""
+    s = f"{v:.3f}".rstrip("0").rstrip(".")
+    if s in ("", "-", "-0"):
+        return "0"
+    if s.startswith("0."):
+        return s[1:]
+    if s.startswith("-0."):
+        return "-" + s[2:]
+    return s
+
+
+def wobbly_path(points: int = POINTS) -> str:
+    """A closed, star-ish outline normalized to [0, 1]: 3 of 4 points are C, 1 is L."""
+
+    def at(theta: float) -> tuple[float, float]:
+        r = 0.42 * (1 + 0.12 * math.sin(7 * theta) + 0.04 * math.sin(31 * theta))
+        return 0.5 + r * math.cos(theta), 0.5 + r * math.sin(theta)
+
+    step = 2 * math.pi / points
+    x0, y0 = at(0.0)
+    parts = [f"M{_fmt(x0)},{_fmt(y0)}"]
+    for i in range(1, points + 1):
+        x, y = at(i * step)
+        if i % 4 == 0:
+            parts.append(f"L{_fmt(x)},{_fmt(y)}")
+        else:
+            c1 = at((i - 2 / 3) * step)
+            c2 = at((i - 1 / 3) * step)
+            parts.append("C" + ",".join(_fmt(v) for v in (*c1, *c2, x, y)))
+    return "".join(parts) + "z"
+
+
+def timeit(fn: Callable[[], Any], runs: int = RUNS) -> tuple[float, float]:
+    fn()  # warm up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return min(times), statistics.median(times)
+
+
+def main() -> None:
+    path = wobbly_path()
+    rings = segment_rings(path, BBOX, WIDTH, HEIGHT)
+    mask = rasterize(rings, WIDTH, HEIGHT)
+    area = mask.histogram()[255]
+    try:
+        import numpy  # noqa: F401
+
+        rle_note = "numpy"
+    except ImportError:
+        rle_note = "pure Python"
+    print(
+        f"path: {len(path):,} chars, {POINTS:,} points; flattened to {sum(map(len, rings)):,} "
+        f"points; mask {WIDTH}x{HEIGHT}, {area:,} px inside ({area / (WIDTH * HEIGHT):.0%})"
+    )
+    rows = [
+        ("parse", lambda: parse_path(path)),
+        ("parse+flatten", lambda: segment_rings(path, BBOX, WIDTH, HEIGHT)),
+        ("rasterize", lambda: rasterize(rings, WIDTH, HEIGHT)),
+        ("decode+rasterize", lambda: rasterize(segment_rings(path, BBOX, WIDTH, HEIGHT), WIDTH, HEIGHT)),
+        (f"rle ({rle_note})", lambda: rle_to_string(mask_to_rle(mask)["counts"])),
+    ]
+    print(f"{'step':<22}{'best ms':>10}{'median ms':>12}")
+    results = {}
+    for name, fn in rows:
+        best, median = timeit(fn)
+        results[name] = median
+        print(f"{name:<22}{best:>10.1f}{median:>12.1f}")
+    median = results["decode+rasterize"]
+    verdict = "OK" if median < TARGET_MS else "SLOW"
+    print(
+        f"decode+rasterize {POINTS:,}-point path on {WIDTH}x{HEIGHT}: median {median:.1f} ms "
+        f"(target < {TARGET_MS:.0f} ms) {verdict}"
+    )
+
+
+if __name__ == "__main__":
+    main()
