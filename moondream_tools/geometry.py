@@ -39,6 +39,8 @@ from PIL import Image
 from .errors import ResponseError
 
 __all__ = [
+    "reading_order",
+    "points_reading_order",
     "clamp_unit",
     "box_to_pixels",
     "point_to_pixels",
@@ -162,6 +164,47 @@ Command = tuple[str, tuple[float, ...]]
 
 Ring = list[tuple[float, float]]
 """A closed polyline, closure implied (the last point is not a repeat of the first)."""
+
+
+def reading_order(boxes: Sequence[tuple[float, float, float, float]]) -> list[int]:
+    """Indices of pixel ``boxes`` in reading order: rows top to bottom, each row left to right.
+
+    A box joins the current row when its vertical center lies above the bottom of the
+    row's first box. The agent-facing texts and the annotated images number objects in
+    this order, so "#2" means the same object in both.
+
+    >>> reading_order([(300, 10, 340, 50), (10, 12, 50, 52), (10, 200, 50, 240)])
+    [1, 0, 2]
+    """
+
+    def center_y(i: int) -> float:
+        return (boxes[i][1] + boxes[i][3]) / 2
+
+    by_center = sorted(range(len(boxes)), key=lambda i: (center_y(i), boxes[i][0]))
+    rows: list[list[int]] = []
+    row_bottom = 0.0
+    for i in by_center:
+        center = center_y(i)
+        if rows and center <= row_bottom:
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+            row_bottom = max(boxes[i][3], center)
+    order: list[int] = []
+    for row in rows:
+        order.extend(sorted(row, key=lambda i: ((boxes[i][0] + boxes[i][2]) / 2, boxes[i][1])))
+    return order
+
+
+def points_reading_order(points: Sequence[tuple[float, float]], width: int, height: int) -> list[int]:
+    """Indices of pixel ``points`` in reading order; points within ~1% of the image share a row.
+
+    >>> points_reading_order([(600, 100), (20, 104), (300, 400)], 640, 480)
+    [1, 0, 2]
+    """
+    reach = max(width, height) / 90
+    return reading_order([(x - reach, y - reach, x + reach, y + reach) for x, y in points])
+
 
 _NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _NUM_RE = re.compile(_NUM)

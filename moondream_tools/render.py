@@ -55,7 +55,7 @@ from typing import Union
 from PIL import Image, ImageChops, ImageColor, ImageDraw, ImageFilter, ImageFont
 
 from .errors import ImageError
-from .geometry import box_to_pixels, point_to_pixels
+from .geometry import box_to_pixels, point_to_pixels, points_reading_order, reading_order
 from .images import ImageSettings, decode_image
 from .results import Detections, Points, Segmentation
 
@@ -247,31 +247,6 @@ def _numbered(label: str, count: int) -> list[str]:
     return [f"{prefix}#{i}" for i in range(1, count + 1)]
 
 
-def _reading_order(boxes: Sequence[tuple[float, float, float, float]]) -> list[int]:
-    """Indices of ``boxes`` in reading order: rows top to bottom, each row left to right.
-
-    A box joins the current row when its vertical centre lies above the bottom of the
-    row's first box; points are boxes with no extent.
-    """
-    def centre_y(i: int) -> float:
-        return (boxes[i][1] + boxes[i][3]) / 2
-
-    by_centre = sorted(range(len(boxes)), key=lambda i: (centre_y(i), boxes[i][0]))
-    rows: list[list[int]] = []
-    row_bottom = 0.0
-    for i in by_centre:
-        centre = centre_y(i)
-        if rows and centre <= row_bottom:
-            rows[-1].append(i)
-        else:
-            rows.append([i])
-            row_bottom = max(boxes[i][3], centre)
-    order: list[int] = []
-    for row in rows:
-        order.extend(sorted(row, key=lambda i: ((boxes[i][0] + boxes[i][2]) / 2, boxes[i][1])))
-    return order
-
-
 # ---------------------------------------------------------------- shapes
 
 
@@ -295,7 +270,7 @@ def _boxes(
     style = _style(width, height)
     draw = ImageDraw.Draw(image)
     pixels = [box_to_pixels((box[0], box[1], box[2], box[3]), width, height) for box in boxes]
-    order = _reading_order(pixels)
+    order = reading_order(pixels)
     texts = _numbered(label, len(pixels))
     for text, index in zip(texts, order):
         x0f, y0f, x1f, y1f = pixels[index]
@@ -317,9 +292,7 @@ def _points(
     style = _style(width, height)
     draw = ImageDraw.Draw(image)
     pixels = [point_to_pixels((point[0], point[1]), width, height) for point in points]
-    # Dots within about a line of text of each other read as one row.
-    reach = style.font_size / 2
-    order = _reading_order([(x - reach, y - reach, x + reach, y + reach) for x, y in pixels])
+    order = points_reading_order(pixels, width, height)
     texts = _numbered(label, len(pixels))
     r = style.dot_radius
     for text, index in zip(texts, order):

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from moondream_tools.errors import ImageError
+from moondream_tools.geometry import reading_order
 from moondream_tools.render import (
     PALETTE,
     _contrast,
-    _reading_order,
     annotate,
     annotate_png,
     color_for,
@@ -172,8 +172,8 @@ def test_reading_order_rows_then_columns() -> None:
         (10, 10, 100, 58),  # row 1, left
         (200, 205, 300, 255),  # row 2, right
     ]
-    assert _reading_order(boxes) == [2, 0, 1, 3]
-    assert _reading_order([]) == []
+    assert reading_order(boxes) == [2, 0, 1, 3]
+    assert reading_order([]) == []
 
 
 # ---------------------------------------------------------------- points
