@@ -17,7 +17,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-from .client import DEFAULT_BASE_URL, AsyncMoondream, Settings, SpatialRef, Stream, Timeout
+from .client import DEFAULT_BASE_URL, AsyncMoondream, Settings, SpatialRef, Stream, Timeout, run_sync
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -32,9 +32,23 @@ from .errors import (
     PermissionDeniedError,
     RateLimitError,
     ResponseError,
+    ToolArgumentsError,
+    ImageAccessError,
 )
 from .images import ImageInput, ImageSettings, PreparedImage
 from .render import annotate, annotate_png
+from .tools import (
+    TOOL_SPECS,
+    CountResult,
+    DescribeResult,
+    ImagePolicy,
+    LocateResult,
+    SegmentResult,
+    ToolResult,
+    ToolSpec,
+    VisionTools,
+    tool_error_text,
+)
 from .results import (
     Answer,
     Box,
@@ -65,10 +79,22 @@ __all__ = [
     "SpatialRef",
     "Stream",
     "Timeout",
+    "run_sync",
     # images
     "ImageInput",
     "ImageSettings",
     "PreparedImage",
+    # agent tools
+    "VisionTools",
+    "ImagePolicy",
+    "TOOL_SPECS",
+    "ToolSpec",
+    "ToolResult",
+    "DescribeResult",
+    "CountResult",
+    "LocateResult",
+    "SegmentResult",
+    "tool_error_text",
     # rendering
     "annotate",
     "annotate_png",
@@ -104,5 +130,7 @@ __all__ = [
     "RateLimitError",
     "InternalServerError",
     "ImageError",
+    "ImageAccessError",
     "ResponseError",
+    "ToolArgumentsError",
 ]

@@ -28,8 +28,10 @@ import os
 import random
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypedDict, TypeVar
 
@@ -70,6 +72,7 @@ from .results import (
 
 __all__ = [
     "AsyncMoondream",
+    "run_sync",
     "Timeout",
     "Settings",
     "SpatialRef",
@@ -91,6 +94,8 @@ _BACKOFF_CAP = 8.0
 _ERROR_BODY_CHARS = 500
 #: Indirection so tests can record backoff delays instead of waiting them out.
 _sleep = asyncio.sleep
+#: Set by :func:`run_sync`: calls in this context use a session of their own.
+_PRIVATE_SESSION: ContextVar[bool] = ContextVar("moondream_private_session", default=False)
 
 SpatialRef = Sequence[float]
 """A normalized point ``[x, y]`` or box ``[x_min, y_min, x_max, y_max]``, each in [0, 1]."""
@@ -351,6 +356,11 @@ class AsyncMoondream:
         """The pooled session, or a private one when called from a foreign event loop."""
         if self._closed:
             raise RuntimeError("this AsyncMoondream client is closed; create a new one")
+        if _PRIVATE_SESSION.get():
+            # A sync wrapper runs this call on a loop of its own that dies with the call.
+            async with self._new_session() as private:
+                yield private
+            return
         loop = asyncio.get_running_loop()
         owner = self._session_loop
         if self._session is not None and owner is loop and not self._session.closed:
@@ -401,8 +411,11 @@ class AsyncMoondream:
             text = text.replace(self._api_key, "[redacted]")
         return text
 
-    async def prepare(self, image: ImageInput) -> PreparedImage:
+    async def prepare(self, image: ImageInput, *, settings: ImageSettings | None = None) -> PreparedImage:
         """Decode, orient and encode an image once, to send it in several calls.
+
+        ``settings`` overrides the client's :class:`ImageSettings` for this image (e.g.
+        tighter limits for images named by an agent).
 
         Example::
 
@@ -410,10 +423,11 @@ class AsyncMoondream:
             cars = await md.detect(prepared, "car")
             people = await md.point(prepared, "person")
         """
+        settings = settings or self.image_settings
         if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://")):
             async with self._session_scope() as session:
-                return await prepare_image(image, settings=self.image_settings, session=session)
-        return await prepare_image(image, settings=self.image_settings)
+                return await prepare_image(image, settings=settings, session=session)
+        return await prepare_image(image, settings=settings)
 
     def _retry_delay(self, error: MoondreamError, attempt: int, options: _CallOptions) -> float | None:
         """Seconds to wait before retrying after ``error``, or None to give up."""
@@ -1119,6 +1133,36 @@ class AsyncMoondream:
             entry = {"id": item} if isinstance(item, str) else item
             result.append(parse_result(ModelInfo, entry, what="/models", request_id=rid))
         return result
+
+
+def run_sync(call: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run an async client call from synchronous code and return its result.
+
+    With no event loop running in this thread, the call runs here on a fresh loop;
+    inside a running loop (a notebook, an async framework calling a sync tool), it runs
+    on a fresh loop in a worker thread, so the running loop is never blocked re-entrantly.
+    Either way the call uses an HTTP session of its own, closed before this returns, so a
+    client shared with async code is never tied to a loop that is about to end.
+
+    Example::
+
+        md = AsyncMoondream()
+        caption = run_sync(lambda: md.caption("photo.jpg"))
+    """
+
+    def run() -> _T:
+        token = _PRIVATE_SESSION.set(True)
+        try:
+            return asyncio.run(call())
+        finally:
+            _PRIVATE_SESSION.reset(token)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return run()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moondream-sync") as pool:
+        return pool.submit(run).result()
 
 
 # ---------------------------------------------------------------------- helpers

@@ -18,7 +18,9 @@ real bugs propagate. No message, repr or attribute ever contains the API key.
     │   ├── RateLimitError        429: too many requests (retried)
     │   └── InternalServerError   5xx: the server failed (retried)
     ├── ImageError                an input image cannot be used (missing, broken, too large, ...)
-    └── ResponseError             the server's answer is malformed or unexpected
+    │   └── ImageAccessError      an image reference the ImagePolicy does not allow, or an unknown handle
+    ├── ResponseError             the server's answer is malformed or unexpected
+    └── ToolArgumentsError        a model wrote invalid arguments for a vision tool
 
 Example::
 
@@ -49,7 +51,9 @@ __all__ = [
     "RateLimitError",
     "InternalServerError",
     "ImageError",
+    "ImageAccessError",
     "ResponseError",
+    "ToolArgumentsError",
 ]
 
 
@@ -127,6 +131,14 @@ class ImageError(MoondreamError):
     """An input image cannot be used: missing, unreadable, not an image, truncated, too large."""
 
 
+class ImageAccessError(ImageError):
+    """An image reference the :class:`~moondream_tools.ImagePolicy` refuses, or an unknown handle.
+
+    The message says what is allowed (registered handles, allowed directories, URLs)
+    without revealing anything about the filesystem outside the allowed directories.
+    """
+
+
 class ResponseError(MoondreamError):
     """The server's answer is malformed or not what the API promises.
 
@@ -137,3 +149,7 @@ class ResponseError(MoondreamError):
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
         super().__init__(message)
         self.request_id = request_id
+
+
+class ToolArgumentsError(MoondreamError):
+    """The arguments a model wrote for a vision tool are invalid; the message says which."""

@@ -197,12 +197,13 @@ def reading_order(boxes: Sequence[tuple[float, float, float, float]]) -> list[in
 
 
 def points_reading_order(points: Sequence[tuple[float, float]], width: int, height: int) -> list[int]:
-    """Indices of pixel ``points`` in reading order; points within ~1% of the image share a row.
+    """Indices of pixel ``points`` in reading order; points within 5% of the image height
+    of a row's first point share that row.
 
-    >>> points_reading_order([(600, 100), (20, 104), (300, 400)], 640, 480)
-    [1, 0, 2]
+    >>> points_reading_order([(640, 420), (212, 440), (1050, 460), (300, 700)], 1280, 853)
+    [1, 0, 2, 3]
     """
-    reach = max(width, height) / 90
+    reach = height / 20
     return reading_order([(x - reach, y - reach, x + reach, y + reach) for x, y in points])
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,3 +34,33 @@ async def fake() -> AsyncIterator[FakeMoondream]:
 async def client(fake: FakeMoondream) -> AsyncIterator[AsyncMoondream]:
     async with AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url) as md:
         yield md
+
+
+@pytest.fixture
+def threaded_fake() -> Iterator[FakeMoondream]:
+    """An emulator on its own event loop in a background thread.
+
+    For tests of synchronous calls: a sync call blocks the calling thread's loop, so the
+    server must not live on that loop.
+    """
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    def serve() -> None:
+        async def main() -> None:
+            async with FakeMoondream() as server:
+                state.update(server=server, stop=asyncio.Event(), loop=asyncio.get_running_loop())
+                ready.set()
+                await state["stop"].wait()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, name="fake-moondream")
+    thread.start()
+    if not ready.wait(10):
+        pytest.fail("the emulator did not start")
+    try:
+        yield state["server"]
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(10)

@@ -1,0 +1,785 @@
+"""The four agent tools: describe_image, count_objects, locate_objects, segment_object.
+
+:class:`VisionTools` runs them on an :class:`~moondream_tools.AsyncMoondream` client and
+returns results whose ``.text`` is what an agent reads: short, exact, in pixels of the
+upright image. ``TOOL_SPECS`` holds each tool's name, description and argument model;
+the LangChain and LlamaIndex adapters publish exactly these, so every framework shows a
+model the same tools.
+
+Agents name images with strings, resolved under an :class:`ImagePolicy`: a handle the
+application registered (``tools.add_image(img) -> "img_1"``), a path inside an allowed
+directory, or (when enabled) an http(s) URL. The default policy allows registered
+handles only, so a model that read a hostile page cannot make the tools open
+``/etc/passwd``.
+
+Example::
+
+    from moondream_tools import AsyncMoondream, ImagePolicy, VisionTools
+
+    async with AsyncMoondream() as md:
+        tools = VisionTools(md, images=ImagePolicy(allowed_dirs=["./photos"]))
+        handle = tools.add_image("street.jpg")            # -> "img_1"
+        result = await tools.count(handle, "person")
+        print(result.text)   # Counted 3 "person" in img_1 (1280x853 px): #1 at (212, 440) left, ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import urllib.parse
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .client import AsyncMoondream, CaptionLength, run_sync
+from .errors import (
+    APIConnectionError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ImageAccessError,
+    ImageError,
+    InternalServerError,
+    MoondreamError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseError,
+    ToolArgumentsError,
+)
+from .geometry import nest_rings, pixels_to_box, pixels_to_point, points_reading_order, position_word, reading_order
+from .images import ImageInput, ImageSettings, PreparedImage
+from .render import annotate_png
+from .results import Answer, Caption, Detections, ImageSize, Points, Segmentation
+
+__all__ = [
+    "ImagePolicy",
+    "VisionTools",
+    "ToolSpec",
+    "TOOL_SPECS",
+    "ToolResult",
+    "DescribeResult",
+    "CountResult",
+    "LocateResult",
+    "SegmentResult",
+    "DescribeImageArgs",
+    "CountObjectsArgs",
+    "LocateObjectsArgs",
+    "SegmentObjectArgs",
+    "tool_error_text",
+]
+
+DEFAULT_MAX_OBJECTS = 250
+_HANDLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_MAX_LISTED = 40  # positions listed in a text before "... and N more"
+
+
+# ---------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Which image references the tools accept from an agent, and how big they may be.
+
+    Args:
+        allowed_dirs: directories whose files (after resolving symlinks and ``..``) the
+            tools may read. Default: none; only registered handles work.
+        allow_urls: whether ``http(s)`` URLs may be fetched. Default: off.
+        allowed_hosts: when URLs are on, the only hosts allowed (None: any host).
+        max_bytes: largest encoded image accepted (file, download or data URL).
+        max_pixels: largest image accepted, checked before decoding.
+
+    Example::
+
+        policy = ImagePolicy(allowed_dirs=["/srv/uploads"], allow_urls=True,
+                             allowed_hosts={"images.example.com"})
+    """
+
+    allowed_dirs: Sequence[str | os.PathLike[str]] = ()
+    allow_urls: bool = False
+    allowed_hosts: frozenset[str] | set[str] | None = None
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    _roots: tuple[Path, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_dirs, (str, os.PathLike)):
+            raise TypeError("allowed_dirs must be a list of directories, not a single path")
+        roots = tuple(Path(os.path.realpath(os.fspath(d))) for d in self.allowed_dirs)
+        object.__setattr__(self, "allowed_dirs", tuple(str(r) for r in roots))
+        object.__setattr__(self, "_roots", roots)
+        if self.allowed_hosts is not None:
+            object.__setattr__(self, "allowed_hosts", frozenset(h.lower() for h in self.allowed_hosts))
+        # Validates the limits.
+        self.image_settings()
+
+    def image_settings(self) -> ImageSettings:
+        """The image limits of this policy as :class:`ImageSettings`."""
+        return ImageSettings(max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+
+    def _where(self) -> str:
+        return ", ".join(str(r) for r in self._roots)
+
+    def check_url(self, url: str) -> str:
+        """Return ``url`` if this policy allows fetching it, else raise :class:`ImageAccessError`."""
+        if not self.allow_urls:
+            raise ImageAccessError(f"URL {url!r} is not allowed: this tool does not fetch URLs")
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        if not host:
+            raise ImageAccessError(f"URL {url!r} has no host")
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            allowed = ", ".join(sorted(self.allowed_hosts)) or "none"
+            raise ImageAccessError(f"URL host {host!r} is not allowed; allowed hosts: {allowed}")
+        return url
+
+    def check_path(self, reference: str) -> Path:
+        """Resolve a local path and return it if it lies inside an allowed directory.
+
+        Relative paths are taken relative to each allowed directory in turn. Symlinks and
+        ``..`` are resolved before the check. Raises :class:`ImageAccessError` otherwise,
+        without saying anything about files outside the allowed directories.
+        """
+        if not self._roots:
+            raise ImageAccessError(
+                f"path {reference!r} is not allowed: this tool reads no local files"
+            )
+        raw = Path(reference)
+        candidates = [raw] if raw.is_absolute() else [root / raw for root in self._roots]
+        inside = False
+        for candidate in candidates:
+            resolved = Path(os.path.realpath(candidate))
+            if any(resolved.is_relative_to(root) for root in self._roots):
+                if resolved.exists():
+                    return resolved
+                inside = True
+        if inside:
+            raise ImageError(f"image file not found: {reference!r} (looked under {self._where()})")
+        raise ImageAccessError(
+            f"path {reference!r} is not allowed: images must be under {self._where()}"
+        )
+
+
+# ---------------------------------------------------------------------- specs
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+_IMAGE_FIELD = (
+    "The image to look at: the name of an image the application registered (e.g. 'img_1'), "
+    "a local file path inside an allowed directory, or an http(s) URL if URLs are enabled."
+)
+_OBJECT_FIELD = "What to look for, as a short noun phrase, e.g. 'person', 'red car', 'the left dog'."
+
+
+class DescribeImageArgs(_Args):
+    """Arguments of ``describe_image``."""
+
+    image: str = Field(description=_IMAGE_FIELD)
+    question: str | None = Field(
+        default=None,
+        description="A question about the image. Leave empty to get a description instead.",
+    )
+    length: Literal["short", "normal", "long"] = Field(
+        default="normal", description="Length of the description when no question is asked."
+    )
+    reasoning: bool = Field(
+        default=False,
+        description="Think step by step before answering and return grounded points (slower).",
+    )
+
+
+class CountObjectsArgs(_Args):
+    """Arguments of ``count_objects``."""
+
+    image: str = Field(description=_IMAGE_FIELD)
+    object: str = Field(description=_OBJECT_FIELD)
+
+
+class LocateObjectsArgs(_Args):
+    """Arguments of ``locate_objects``."""
+
+    image: str = Field(description=_IMAGE_FIELD)
+    object: str = Field(description=_OBJECT_FIELD)
+
+
+class SegmentObjectArgs(_Args):
+    """Arguments of ``segment_object``."""
+
+    image: str = Field(description=_IMAGE_FIELD)
+    object: str = Field(description=_OBJECT_FIELD)
+    point: list[float] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=2,
+        description="Optional [x, y] pixel position on the object, to pick one of several.",
+    )
+    box: list[float] | None = Field(
+        default=None,
+        min_length=4,
+        max_length=4,
+        description="Optional [x_min, y_min, x_max, y_max] pixel box around the object.",
+    )
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What a framework shows a model for one tool: name, description and arguments.
+
+    Attributes:
+        name: the tool name, e.g. ``"count_objects"``.
+        description: when to use the tool and what the image argument may be (< 1,024 chars).
+        args_schema: the pydantic model of the arguments (with field descriptions).
+        method: the :class:`VisionTools` method that runs it.
+    """
+
+    name: str
+    description: str
+    args_schema: type[BaseModel]
+    method: str
+
+
+TOOL_SPECS: Mapping[str, ToolSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            ToolSpec(
+                name="describe_image",
+                description=(
+                    "Look at an image and describe it, or answer a question about it (what is in "
+                    "it, what text it shows, what color something is, what is happening). Use it "
+                    "whenever you need to know what an image contains. The image argument is a "
+                    "registered image name such as 'img_1', an allowed local path, or an http(s) "
+                    "URL if enabled. For exact counts use count_objects; for positions use "
+                    "locate_objects."
+                ),
+                args_schema=DescribeImageArgs,
+                method="describe",
+            ),
+            ToolSpec(
+                name="count_objects",
+                description=(
+                    "Count every instance of an object in an image (people in a crowd, cars in a "
+                    "lot, items on a shelf) and get the pixel position of each. More reliable than "
+                    "describe_image for numbers. Returns the count, the image size and each "
+                    "instance's center in pixels with a position word; says 'at least N' when the "
+                    "result hit the limit. The image argument is a registered image name such as "
+                    "'img_1', an allowed local path, or an http(s) URL if enabled."
+                ),
+                args_schema=CountObjectsArgs,
+                method="count",
+            ),
+            ToolSpec(
+                name="locate_objects",
+                description=(
+                    "Find where an object is in an image: returns a bounding box in pixels (x_min, "
+                    "y_min, x_max, y_max, origin top-left) for every instance, in reading order, "
+                    "with a position word and normalized [0-1] coordinates. Use it to answer "
+                    "'where is', to compare positions or sizes, or to get a box for "
+                    "segment_object. The image argument is a registered image name such as "
+                    "'img_1', an allowed local path, or an http(s) URL if enabled."
+                ),
+                args_schema=LocateObjectsArgs,
+                method="locate",
+            ),
+            ToolSpec(
+                name="segment_object",
+                description=(
+                    "Outline one object exactly (pixel mask): returns its area in pixels and as a "
+                    "percentage of the image, its bounding box in pixels and how many separate "
+                    "regions it has. Use it for sizes, coverage ('how much of the image is "
+                    "sky') or shapes. Give point or box (pixels, e.g. from locate_objects) to "
+                    "pick one of several instances. The image argument is a registered image "
+                    "name such as 'img_1', an allowed local path, or an http(s) URL if enabled."
+                ),
+                args_schema=SegmentObjectArgs,
+                method="segment",
+            ),
+        )
+    }
+)
+
+
+# ---------------------------------------------------------------------- results
+
+
+class ToolResult(BaseModel):
+    """What a tool returns: ``text`` for the agent, the structured result for code.
+
+    ``annotated_png`` holds an annotated picture of the result when the tools were made
+    with ``return_images=True``.
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64")
+
+    tool: str
+    image: str
+    image_size: ImageSize
+    text: str
+    annotated_png: bytes | None = Field(default=None, repr=False)
+
+
+class DescribeResult(ToolResult):
+    """``describe_image``: ``caption`` when no question was asked, else ``answer``."""
+
+    caption: Caption | None = None
+    answer: Answer | None = None
+
+
+class CountResult(ToolResult):
+    """``count_objects``: the number found, whether it hit the limit, and the points."""
+
+    object: str
+    count: int
+    capped: bool
+    points: Points
+
+
+class LocateResult(ToolResult):
+    """``locate_objects``: the boxes found (``detections``), in reading order in ``text``."""
+
+    object: str
+    detections: Detections
+
+
+class SegmentResult(ToolResult):
+    """``segment_object``: the segmentation (mask, polygons, RLE, ...) and its summary."""
+
+    object: str
+    segmentation: Segmentation
+
+
+# ---------------------------------------------------------------------- texts
+
+
+def _size_text(name: str, size: ImageSize) -> str:
+    return f"{name} ({size.width}x{size.height} px)"
+
+
+def _xy(x: float, y: float) -> str:
+    return f"({round(x)}, {round(y)})"
+
+
+def _more(total: int) -> str:
+    return f"; ... and {total - _MAX_LISTED} more" if total > _MAX_LISTED else ""
+
+
+def _count_text(name: str, obj: str, points: Points, capped: bool, limit: int) -> str:
+    size = points.image_size
+    assert size is not None
+    pixels = [(p.x, p.y) for p in points.to_pixels()]
+    number = f"at least {len(pixels)}" if capped else str(len(pixels))
+    head = f'Counted {number} "{obj}" in {_size_text(name, size)}'
+    if not pixels:
+        return head + "."
+    order = points_reading_order(pixels, size.width, size.height)
+    items = []
+    for rank, index in enumerate(order[:_MAX_LISTED], start=1):
+        x, y = pixels[index]
+        p = points.points[index]
+        items.append(f"#{rank} at {_xy(x, y)} {position_word(p.x, p.y)}")
+    text = f"{head}: " + ", ".join(items) + _more(len(pixels)) + "."
+    if capped:
+        text += f" The result hit the limit of {limit} objects; there may be more."
+    return text
+
+
+def _locate_text(name: str, obj: str, detections: Detections) -> str:
+    size = detections.image_size
+    assert size is not None
+    boxes = detections.to_pixels()
+    head = f'Found {len(boxes)} "{obj}" in {_size_text(name, size)}'
+    if not boxes:
+        return head + "."
+    order = reading_order([(b.x_min, b.y_min, b.x_max, b.y_max) for b in boxes])
+    items = []
+    for rank, index in enumerate(order[:_MAX_LISTED], start=1):
+        b = boxes[index]
+        n = pixels_to_box((b.x_min, b.y_min, b.x_max, b.y_max), size.width, size.height)
+        center = position_word((n[0] + n[2]) / 2, (n[1] + n[3]) / 2)
+        items.append(
+            f"#{rank} box {_xy(b.x_min, b.y_min)}-{_xy(b.x_max, b.y_max)} {center}"
+            f" [normalized {n[0]:.3f}, {n[1]:.3f}, {n[2]:.3f}, {n[3]:.3f}]"
+        )
+    return f"{head} (boxes are x_min, y_min - x_max, y_max in pixels): " + "; ".join(items) + _more(len(boxes)) + "."
+
+
+def _segment_text(name: str, obj: str, segmentation: Segmentation) -> str:
+    size = segmentation.image_size
+    assert size is not None
+    if not segmentation.found or segmentation.bbox_px is None:
+        return f'No "{obj}" found to segment in {_size_text(name, size)}.'
+    box = segmentation.bbox_px
+    polygons = nest_rings(segmentation.polygons)
+    holes = sum(len(h) for _, h in polygons)
+    regions = f"{len(polygons)} region" + ("s" if len(polygons) != 1 else "")
+    if holes:
+        regions += f" with {holes} hole" + ("s" if holes != 1 else "")
+    where = position_word(
+        (segmentation.bbox.x_min + segmentation.bbox.x_max) / 2,  # type: ignore[union-attr]
+        (segmentation.bbox.y_min + segmentation.bbox.y_max) / 2,  # type: ignore[union-attr]
+    )
+    return (
+        f'Segmented "{obj}" in {_size_text(name, size)}: area {segmentation.area_px:,} px'
+        f" ({segmentation.area_fraction:.1%} of the image), bbox {_xy(box.x_min, box.y_min)}-"
+        f"{_xy(box.x_max, box.y_max)} px {where}, {regions}."
+    )
+
+
+def _describe_text(name: str, size: ImageSize, caption: Caption | None, answer: Answer | None) -> str:
+    head = _size_text(name, size)
+    if caption is not None:
+        return f"{head}: {caption.caption.strip()}"
+    assert answer is not None
+    text = f"{head}: {answer.answer.strip()}"
+    if answer.reasoning is not None and answer.reasoning.text.strip():
+        text += f"\nReasoning: {answer.reasoning.text.strip()}"
+        grounded = [
+            f'"{span}" at ' + ", ".join(_xy(p.x, p.y) for p in points)
+            for span, points in answer.grounding_pixels()
+            if points
+        ]
+        if grounded:
+            text += "\nGrounded in pixels: " + "; ".join(grounded)
+    return text
+
+
+def tool_error_text(error: MoondreamError) -> str:
+    """The text an agent reads when a tool fails: what went wrong and what it can do.
+
+    Example::
+
+        try:
+            result = await tools.count("img_9", "cat")
+        except MoondreamError as exc:
+            print(tool_error_text(exc))
+    """
+    if isinstance(error, ImageError):
+        advice = "Use one of the available images."
+    elif isinstance(error, (AuthenticationError, PermissionDeniedError, ConfigurationError)):
+        advice = "The vision service is not set up correctly; tell the user. Retrying will not help."
+    elif isinstance(error, (RateLimitError, APIConnectionError, InternalServerError)):
+        advice = "The vision service is busy or unreachable; try again in a moment or go on without it."
+    elif isinstance(error, NotFoundError):
+        advice = "The vision service does not offer this; try another tool."
+    elif isinstance(error, (ResponseError, BadRequestError)):
+        advice = "Try again, perhaps with a simpler object phrase or question."
+    else:
+        advice = "Try again or go on without it."
+    return f"Error: {error} {advice}"
+
+
+# ---------------------------------------------------------------------- tools
+
+
+@dataclass
+class _Registered:
+    source: ImageInput
+    prepared: PreparedImage | None = None
+
+
+class VisionTools:
+    """The four vision tools over one Moondream client, with an image registry and policy.
+
+    Args:
+        client: the :class:`AsyncMoondream` to use; None creates one from the environment
+            (``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``) owned and closed by these tools.
+        images: the :class:`ImagePolicy` for image references written by a model.
+        return_images: add an annotated PNG of each result (``annotated_png``), for
+            multimodal models. Off by default: several providers reject images in tool results.
+        max_objects: the limit sent to Moondream when counting and locating.
+
+    Methods return a :class:`ToolResult` and raise :class:`MoondreamError` on failure;
+    :meth:`run` and :meth:`run_sync` take a tool name and model-written arguments, as the
+    framework adapters do.
+
+    Example::
+
+        tools = VisionTools(AsyncMoondream())
+        tools.add_image("receipt.jpg", name="receipt")
+        print((await tools.describe("receipt", question="What is the total?")).text)
+    """
+
+    def __init__(
+        self,
+        client: AsyncMoondream | None = None,
+        *,
+        images: ImagePolicy | None = None,
+        return_images: bool = False,
+        max_objects: int = DEFAULT_MAX_OBJECTS,
+    ) -> None:
+        self._owns_client = client is None
+        self.client = client if client is not None else AsyncMoondream()
+        self.policy = images if images is not None else ImagePolicy()
+        self.return_images = return_images
+        if max_objects < 1:
+            raise ValueError("max_objects must be at least 1")
+        self.max_objects = max_objects
+        self._registry: dict[str, _Registered] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"VisionTools(client={self.client!r}, images={self.policy!r},"
+            f" registered={list(self._registry)})"
+        )
+
+    async def __aenter__(self) -> VisionTools:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client if these tools created it."""
+        if self._owns_client:
+            await self.client.aclose()
+
+    # ------------------------------------------------------------ registry
+
+    def add_image(self, image: ImageInput, name: str | None = None) -> str:
+        """Register an image under a handle an agent can use; return the handle.
+
+        The application's own images may be anything :class:`AsyncMoondream` accepts
+        (path, bytes, PIL image, numpy array, ...); they are trusted and bypass the policy.
+        Default names are ``img_1``, ``img_2``, ...
+
+        Example::
+
+            handle = tools.add_image(pil_image)               # "img_1"
+            tools.add_image("scan.png", name="receipt")       # "receipt"
+        """
+        if name is None:
+            n = len(self._registry) + 1
+            while f"img_{n}" in self._registry:
+                n += 1
+            name = f"img_{n}"
+        elif not _HANDLE_RE.match(name):
+            raise ValueError(
+                f"image name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with"
+                " a letter, digit or '_'"
+            )
+        self._registry[name] = _Registered(source=image)
+        return name
+
+    def remove_image(self, name: str) -> None:
+        """Forget a registered image."""
+        self._registry.pop(name, None)
+
+    @property
+    def image_names(self) -> list[str]:
+        """The registered handles, in registration order."""
+        return list(self._registry)
+
+    def _unknown_handle(self, reference: str) -> ImageAccessError:
+        names = ", ".join(self._registry) or "none"
+        also = f" or a path under {self.policy._where()}" if self.policy.allowed_dirs else ""
+        return ImageAccessError(f"image {reference!r} is not registered; registered: {names}{also}")
+
+    async def _resolve(self, reference: str) -> PreparedImage:
+        if not isinstance(reference, str) or not reference.strip():
+            raise ImageAccessError("image must be a non-empty string naming an image")
+        reference = reference.strip()
+        registered = self._registry.get(reference)
+        if registered is not None:
+            if registered.prepared is None:
+                registered.prepared = await self.client.prepare(registered.source)
+            return registered.prepared
+        lowered = reference[:8].lower()
+        settings = self.policy.image_settings()
+        if lowered.startswith(("http://", "https://")):
+            return await self.client.prepare(self.policy.check_url(reference), settings=settings)
+        if lowered.startswith("data:"):
+            return await self.client.prepare(reference, settings=settings)
+        if lowered.startswith("file:"):
+            path = urllib.request.url2pathname(urllib.parse.urlsplit(reference).path)
+            return await self.client.prepare(self.policy.check_path(path), settings=settings)
+        looks_like_handle = "/" not in reference and "\\" not in reference and "." not in reference
+        try:
+            path = self.policy.check_path(reference)
+        except ImageError as exc:
+            if looks_like_handle:
+                raise self._unknown_handle(reference) from None
+            names = ", ".join(self._registry) or "none"
+            raise type(exc)(f"{exc}; registered images: {names}") from None
+        return await self.client.prepare(path, settings=settings)
+
+    async def _annotate(self, prepared: PreparedImage, *results: Any) -> bytes | None:
+        if not self.return_images:
+            return None
+        jpeg = base64.b64decode(prepared.data_url.partition(",")[2])
+        return await asyncio.to_thread(annotate_png, jpeg, *results)
+
+    # ------------------------------------------------------------ the four tools
+
+    async def describe(
+        self,
+        image: str,
+        question: str | None = None,
+        length: CaptionLength = "normal",
+        reasoning: bool = False,
+    ) -> DescribeResult:
+        """``describe_image``: a caption, or the answer to ``question`` (with reasoning).
+
+        Example::
+
+            result = await tools.describe("img_1", question="What color is the car?")
+            print(result.text)   # img_1 (1280x853 px): Red.
+        """
+        prepared = await self._resolve(image)
+        caption: Caption | None = None
+        answer: Answer | None = None
+        if question is not None and question.strip():
+            answer = await self.client.query(prepared, question, reasoning=reasoning)
+        elif reasoning:
+            answer = await self.client.query(prepared, "Describe this image.", reasoning=True)
+        else:
+            caption = await self.client.caption(prepared, length=length)
+        png = None
+        if answer is not None and answer.reasoning is not None and answer.reasoning.grounding:
+            grounded = Points(
+                points=[p for span in answer.reasoning.grounding for p in span.points],
+                image_size=prepared.size,
+                object="grounding",
+            )
+            png = await self._annotate(prepared, grounded)
+        return DescribeResult(
+            tool="describe_image",
+            image=image,
+            image_size=prepared.size,
+            text=_describe_text(image, prepared.size, caption, answer),
+            caption=caption,
+            answer=answer,
+            annotated_png=png,
+        )
+
+    async def count(self, image: str, object: str) -> CountResult:
+        """``count_objects``: count ``object`` with Moondream's point skill.
+
+        Example::
+
+            result = await tools.count("img_1", "person")
+            print(result.count, result.capped, result.text)
+        """
+        prepared = await self._resolve(image)
+        points = await self.client.point(prepared, object, settings={"max_objects": self.max_objects})
+        capped = len(points.points) >= self.max_objects
+        return CountResult(
+            tool="count_objects",
+            image=image,
+            image_size=prepared.size,
+            text=_count_text(image, object, points, capped, self.max_objects),
+            object=object,
+            count=len(points.points),
+            capped=capped,
+            points=points,
+            annotated_png=await self._annotate(prepared, points),
+        )
+
+    async def locate(self, image: str, object: str) -> LocateResult:
+        """``locate_objects``: boxes of every ``object``, in pixels and reading order.
+
+        Example::
+
+            result = await tools.locate("img_1", "car")
+            print(result.text)
+        """
+        prepared = await self._resolve(image)
+        detections = await self.client.detect(prepared, object, settings={"max_objects": self.max_objects})
+        return LocateResult(
+            tool="locate_objects",
+            image=image,
+            image_size=prepared.size,
+            text=_locate_text(image, object, detections),
+            object=object,
+            detections=detections,
+            annotated_png=await self._annotate(prepared, detections),
+        )
+
+    async def segment(
+        self,
+        image: str,
+        object: str,
+        point: Sequence[float] | None = None,
+        box: Sequence[float] | None = None,
+    ) -> SegmentResult:
+        """``segment_object``: the mask of ``object``; ``point``/``box`` (pixels) pick one.
+
+        Example::
+
+            result = await tools.segment("img_1", "dog", point=[420, 310])
+            print(result.text)
+            result.segmentation.mask().save("dog.png")
+        """
+        prepared = await self._resolve(image)
+        size = prepared.size
+        refs: list[list[float]] = []
+        if point is not None:
+            x, y = _pixel_values(point, 2, "point")
+            refs.append(list(pixels_to_point((x, y), size.width, size.height)))
+        if box is not None:
+            x0, y0, x1, y1 = _pixel_values(box, 4, "box")
+            refs.append(list(pixels_to_box((x0, y0, x1, y1), size.width, size.height)))
+        segmentation = await self.client.segment(prepared, object, spatial_refs=refs or None)
+        annotated = await self._annotate(prepared, segmentation) if segmentation.found else None
+        return SegmentResult(
+            tool="segment_object",
+            image=image,
+            image_size=size,
+            text=_segment_text(image, object, segmentation),
+            object=object,
+            segmentation=segmentation,
+            annotated_png=annotated,
+        )
+
+    # ------------------------------------------------------------ by name
+
+    async def run(self, tool: str, arguments: Mapping[str, Any]) -> ToolResult:
+        """Run a tool by name with model-written arguments (validated by its args model).
+
+        Invalid arguments raise :class:`ToolArgumentsError`, a :class:`MoondreamError`, so
+        adapters report them to the model like any other tool failure.
+
+        Example::
+
+            result = await tools.run("count_objects", {"image": "img_1", "object": "cat"})
+        """
+        spec = TOOL_SPECS.get(tool)
+        if spec is None:
+            raise ValueError(f"unknown tool {tool!r}; tools: {', '.join(TOOL_SPECS)}")
+        try:
+            args = spec.args_schema.model_validate(dict(arguments))
+        except ValidationError as exc:
+            raise ToolArgumentsError(_validation_text(tool, exc)) from None
+        method: Callable[..., Awaitable[ToolResult]] = getattr(self, spec.method)
+        return await method(**args.model_dump())
+
+    def run_sync(self, tool: str, arguments: Mapping[str, Any]) -> ToolResult:
+        """:meth:`run` for synchronous code, in a plain script or inside a running loop."""
+        return run_sync(lambda: self.run(tool, arguments))
+
+
+def _validation_text(tool: str, exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+        for err in exc.errors(include_url=False)[:5]
+    )
+    return f"invalid arguments for {tool}: {problems}"
+
+
+def _pixel_values(values: Sequence[float], count: int, what: str) -> list[float]:
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ToolArgumentsError(f"{what} must be {count} pixel numbers") from None
+    if len(numbers) != count:
+        raise ToolArgumentsError(f"{what} must be {count} pixel numbers, got {len(numbers)}")
+    return numbers
