@@ -1,6 +1,7 @@
 # Two commands do everything on a machine with only Python 3.11+:
 #   make demo   - create .venv, install, run examples/quickstart.py
 #   make test   - create .venv, install, run the whole test suite
+#   make bench  - run every benchmark under benchmarks/ (prints figures, asserts nothing)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed
 OFFICIAL_MOONDREAM := moondream==2.6.1
 INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -25,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
