@@ -38,6 +38,7 @@ from .errors import (
 from .images import ImageInput, ImageSettings, PreparedImage
 from .render import annotate, annotate_png
 from .tools import (
+    DEFAULT_MAX_OBJECTS,
     TOOL_SPECS,
     CountResult,
     DescribeResult,
@@ -88,6 +89,7 @@ __all__ = [
     "VisionTools",
     "ImagePolicy",
     "TOOL_SPECS",
+    "DEFAULT_MAX_OBJECTS",
     "ToolSpec",
     "ToolResult",
     "DescribeResult",

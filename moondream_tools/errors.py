@@ -153,3 +153,12 @@ class ResponseError(MoondreamError):
 
 class ToolArgumentsError(MoondreamError):
     """The arguments a model wrote for a vision tool are invalid; the message says which."""
+
+    @classmethod
+    def from_validation(cls, tool: str, error: Any) -> ToolArgumentsError:
+        """From a pydantic ``ValidationError`` of ``tool``'s arguments (adapters use it too)."""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+            for err in error.errors(include_url=False)[:5]
+        )
+        return cls(f"invalid arguments for {tool}: {problems}")

@@ -61,6 +61,7 @@ from .render import annotate_png
 from .results import Answer, Caption, Detections, ImageSize, Points, Segmentation
 
 __all__ = [
+    "DEFAULT_MAX_OBJECTS",
     "ImagePolicy",
     "VisionTools",
     "ToolSpec",
@@ -471,11 +472,16 @@ def tool_error_text(error: MoondreamError) -> str:
         advice = "The vision service is busy or unreachable; try again in a moment or go on without it."
     elif isinstance(error, NotFoundError):
         advice = "The vision service does not offer this; try another tool."
+    elif isinstance(error, ToolArgumentsError):
+        advice = "Fix the arguments and call the tool again."
     elif isinstance(error, (ResponseError, BadRequestError)):
         advice = "Try again, perhaps with a simpler object phrase or question."
     else:
         advice = "Try again or go on without it."
-    return f"Error: {error} {advice}"
+    message = str(error).rstrip()
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    return f"Error: {message} {advice}"
 
 
 # ---------------------------------------------------------------------- tools
@@ -758,21 +764,13 @@ class VisionTools:
         try:
             args = spec.args_schema.model_validate(dict(arguments))
         except ValidationError as exc:
-            raise ToolArgumentsError(_validation_text(tool, exc)) from None
+            raise ToolArgumentsError.from_validation(tool, exc) from None
         method: Callable[..., Awaitable[ToolResult]] = getattr(self, spec.method)
         return await method(**args.model_dump())
 
     def run_sync(self, tool: str, arguments: Mapping[str, Any]) -> ToolResult:
         """:meth:`run` for synchronous code, in a plain script or inside a running loop."""
         return run_sync(lambda: self.run(tool, arguments))
-
-
-def _validation_text(tool: str, exc: ValidationError) -> str:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
-        for err in exc.errors(include_url=False)[:5]
-    )
-    return f"invalid arguments for {tool}: {problems}"
 
 
 def _pixel_values(values: Sequence[float], count: int, what: str) -> list[float]:

@@ -1,0 +1,362 @@
+"""MoondreamToolSpec: the four moondream-tools vision tools as LlamaIndex FunctionTools.
+
+The tools are ``describe_image``, ``count_objects``, ``locate_objects`` and
+``segment_object``. Their names, descriptions and argument schemas come only from
+:data:`moondream_tools.TOOL_SPECS`, so a model sees exactly what the LangChain adapter
+shows it; the work is done by one shared :class:`moondream_tools.VisionTools`.
+
+Each tool returns a :class:`~llama_index.core.tools.ToolOutput`: its content is the
+result's short exact text, ``raw_output`` the :class:`moondream_tools.ToolResult` model.
+With ``return_images=True`` the blocks are ``[TextBlock, ImageBlock]``, the image an
+annotated PNG of the result. A :class:`moondream_tools.MoondreamError` (an unregistered
+image, a refused path, invalid arguments, a rate limit, ...) becomes an output with
+``is_error=True`` whose content tells the model what to do; any other exception is a bug
+and propagates.
+
+Example::
+
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.tools.moondream import MoondreamToolSpec
+    from moondream_tools import ImagePolicy
+
+    spec = MoondreamToolSpec(images=ImagePolicy(allowed_dirs=["./photos"]))
+    spec.add_image("street.jpg", name="street")
+    agent = FunctionAgent(tools=spec.to_tool_list(), llm=llm)
+    response = await agent.run("How many cars are parked in 'street'?")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+from llama_index.core.base.llms.types import ContentBlock, ImageBlock, TextBlock
+from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
+from llama_index.core.tools.tool_spec.base import SPEC_FUNCTION_TYPE, BaseToolSpec
+from pydantic import BaseModel
+
+from moondream_tools import (
+    TOOL_SPECS,
+    AsyncMoondream,
+    ImagePolicy,
+    MoondreamError,
+    ToolResult,
+    VisionTools,
+    tool_error_text,
+)
+from moondream_tools.images import ImageInput
+from moondream_tools.tools import DEFAULT_MAX_OBJECTS
+
+__all__ = ["MoondreamToolSpec"]
+
+
+def _passthrough(output: ToolOutput) -> ToolOutput:
+    # FunctionTool wraps whatever its function returns in a new ToolOutput; a callback
+    # that returns a ToolOutput replaces it, so the tool keeps ours (is_error, blocks).
+    return output
+
+
+async def _apassthrough(output: ToolOutput) -> ToolOutput:
+    return output
+
+
+class MoondreamToolSpec(BaseToolSpec):
+    """Moondream vision tools for LlamaIndex agents.
+
+    Args:
+        client: the :class:`moondream_tools.AsyncMoondream` to use; None creates one from
+            ``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``, closed by :meth:`aclose`.
+        images: the :class:`moondream_tools.ImagePolicy` for image references a model
+            writes. Default: registered handles only (see :meth:`add_image`).
+        return_images: add an annotated PNG (an ``ImageBlock``) to each tool output, for
+            multimodal models. Off by default: several providers reject images in tool
+            results.
+        max_objects: the limit sent to Moondream when counting and locating.
+        vision: an existing :class:`moondream_tools.VisionTools` to share (its client,
+            image registry and policy), instead of ``client``/``images``/``return_images``/
+            ``max_objects``.
+
+    ``spec_functions`` are the four tool names. Each has a sync method (``count_objects``)
+    and an async one (``acount_objects``); both return a ``ToolOutput``. The sync methods
+    work in a plain script and inside a running event loop.
+
+    Example::
+
+        from moondream_tools import AsyncMoondream
+
+        async with AsyncMoondream() as md:
+            spec = MoondreamToolSpec(md)
+            spec.add_image(pil_image)                       # -> "img_1"
+            tools = spec.to_tool_list()                     # 4 FunctionTools
+            output = await tools[1].acall(image="img_1", object="person")
+            print(output.content)        # Counted 3 "person" in img_1 (1280x853 px): #1 at ...
+            output.raw_output.count      # 3, from the CountResult
+    """
+
+    spec_functions: list[SPEC_FUNCTION_TYPE] = list(TOOL_SPECS)
+
+    def __init__(
+        self,
+        client: AsyncMoondream | None = None,
+        *,
+        images: ImagePolicy | None = None,
+        return_images: bool = False,
+        max_objects: int = DEFAULT_MAX_OBJECTS,
+        vision: VisionTools | None = None,
+    ) -> None:
+        if vision is not None:
+            if client is not None or images is not None or return_images or max_objects != DEFAULT_MAX_OBJECTS:
+                raise ValueError("pass either vision= or client/images/return_images/max_objects, not both")
+            self.vision = vision
+        else:
+            self.vision = VisionTools(client, images=images, return_images=return_images, max_objects=max_objects)
+
+    def __repr__(self) -> str:
+        return f"MoondreamToolSpec(vision={self.vision!r})"
+
+    # ------------------------------------------------------------ lifecycle and images
+
+    async def __aenter__(self) -> MoondreamToolSpec:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the Moondream client if this spec created it."""
+        await self.vision.aclose()
+
+    def add_image(self, image: ImageInput, name: str | None = None) -> str:
+        """Register an image under a handle the agent can name; return the handle.
+
+        The application's own images (path, bytes, PIL image, numpy array, ...) are
+        trusted and bypass the image policy. Default names are ``img_1``, ``img_2``, ...
+
+        Example::
+
+            spec.add_image(pil_image)                       # "img_1"
+            spec.add_image("scan.png", name="receipt")      # "receipt"
+        """
+        return self.vision.add_image(image, name=name)
+
+    # ------------------------------------------------------------ running a tool
+
+    def call_tool(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
+        """Run tool ``name`` with model-written ``arguments`` from synchronous code.
+
+        Works in a plain script and inside a running event loop (the call then runs on a
+        worker thread). Returns an error output for a :class:`MoondreamError`.
+
+        Example::
+
+            output = spec.call_tool("count_objects", {"image": "img_1", "object": "cat"})
+        """
+        arguments = dict(arguments)
+        try:
+            result = self.vision.run_sync(name, arguments)
+        except MoondreamError as exc:
+            return _error_output(name, arguments, exc)
+        return _result_output(name, arguments, result)
+
+    async def acall_tool(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
+        """Run tool ``name`` with model-written ``arguments``; see :meth:`call_tool`.
+
+        Example::
+
+            output = await spec.acall_tool("locate_objects", {"image": "img_1", "object": "car"})
+        """
+        arguments = dict(arguments)
+        try:
+            result = await self.vision.run(name, arguments)
+        except MoondreamError as exc:
+            return _error_output(name, arguments, exc)
+        return _result_output(name, arguments, result)
+
+    # ------------------------------------------------------------ the four tools
+
+    def describe_image(
+        self,
+        image: str,
+        question: str | None = None,
+        length: Literal["short", "normal", "long"] = "normal",
+        reasoning: bool = False,
+    ) -> ToolOutput:
+        """Describe an image, or answer ``question`` about it.
+
+        Example::
+
+            spec.describe_image("img_1", question="What color is the car?").content
+            # 'img_1 (1280x853 px): Red.'
+        """
+        return self.call_tool("describe_image", _describe_args(image, question, length, reasoning))
+
+    async def adescribe_image(
+        self,
+        image: str,
+        question: str | None = None,
+        length: Literal["short", "normal", "long"] = "normal",
+        reasoning: bool = False,
+    ) -> ToolOutput:
+        """Async :meth:`describe_image`."""
+        return await self.acall_tool("describe_image", _describe_args(image, question, length, reasoning))
+
+    def count_objects(self, image: str, object: str) -> ToolOutput:
+        """Count every ``object`` in an image, with the pixel center of each.
+
+        Example::
+
+            output = spec.count_objects("img_1", "person")
+            output.raw_output.count, output.raw_output.capped
+        """
+        return self.call_tool("count_objects", {"image": image, "object": object})
+
+    async def acount_objects(self, image: str, object: str) -> ToolOutput:
+        """Async :meth:`count_objects`."""
+        return await self.acall_tool("count_objects", {"image": image, "object": object})
+
+    def locate_objects(self, image: str, object: str) -> ToolOutput:
+        """Boxes (pixels, reading order) of every ``object`` in an image.
+
+        Example::
+
+            output = spec.locate_objects("img_1", "car")
+            output.raw_output.detections.to_pixels()
+        """
+        return self.call_tool("locate_objects", {"image": image, "object": object})
+
+    async def alocate_objects(self, image: str, object: str) -> ToolOutput:
+        """Async :meth:`locate_objects`."""
+        return await self.acall_tool("locate_objects", {"image": image, "object": object})
+
+    def segment_object(
+        self,
+        image: str,
+        object: str,
+        point: list[float] | None = None,
+        box: list[float] | None = None,
+    ) -> ToolOutput:
+        """Mask of one ``object``; ``point`` [x, y] or ``box`` (pixels) pick an instance.
+
+        Example::
+
+            output = spec.segment_object("img_1", "dog", point=[420, 310])
+            output.raw_output.segmentation.mask().save("dog.png")
+        """
+        return self.call_tool("segment_object", _segment_args(image, object, point, box))
+
+    async def asegment_object(
+        self,
+        image: str,
+        object: str,
+        point: list[float] | None = None,
+        box: list[float] | None = None,
+    ) -> ToolOutput:
+        """Async :meth:`segment_object`."""
+        return await self.acall_tool("segment_object", _segment_args(image, object, point, box))
+
+    # ------------------------------------------------------------ LlamaIndex tool spec
+
+    def get_fn_schema_from_fn_name(
+        self, fn_name: str, spec_functions: list[SPEC_FUNCTION_TYPE] | None = None
+    ) -> type[BaseModel]:
+        """The argument model of a tool, from ``TOOL_SPECS``."""
+        return TOOL_SPECS[_tool_name(fn_name)].args_schema
+
+    def get_metadata_from_fn_name(
+        self, fn_name: str, spec_functions: list[SPEC_FUNCTION_TYPE] | None = None
+    ) -> ToolMetadata:
+        """Name, description and argument model of a tool, exactly as in ``TOOL_SPECS``."""
+        spec = TOOL_SPECS[_tool_name(fn_name)]
+        return ToolMetadata(name=spec.name, description=spec.description, fn_schema=spec.args_schema)
+
+    def to_tool_list(
+        self,
+        spec_functions: list[SPEC_FUNCTION_TYPE] | None = None,
+        func_to_metadata_mapping: dict[str, ToolMetadata] | None = None,
+    ) -> list[FunctionTool]:
+        """The tools as ``FunctionTool``s (all four, or those named in ``spec_functions``).
+
+        Each tool has a sync and an async function taking the model's arguments, which the
+        tool's argument model validates (mistakes come back as error outputs), and metadata
+        from ``TOOL_SPECS`` unless ``func_to_metadata_mapping`` overrides it.
+
+        Example::
+
+            tools = spec.to_tool_list(["count_objects", "locate_objects"])
+            [t.metadata.name for t in tools]    # ['count_objects', 'locate_objects']
+        """
+        mapping = func_to_metadata_mapping or {}
+        tools = []
+        for entry in spec_functions or self.spec_functions:
+            name = _tool_name(entry if isinstance(entry, str) else entry[0])
+            metadata = mapping.get(name) or self.get_metadata_from_fn_name(name)
+            sync_fn, async_fn = self._tool_functions(name)
+            tools.append(
+                FunctionTool.from_defaults(
+                    fn=sync_fn,
+                    async_fn=async_fn,
+                    tool_metadata=metadata,
+                    callback=_passthrough,
+                    async_callback=_apassthrough,
+                )
+            )
+        return tools
+
+    def _tool_functions(
+        self, name: str
+    ) -> tuple[Callable[..., ToolOutput], Callable[..., Awaitable[ToolOutput]]]:
+        def run(**arguments: Any) -> ToolOutput:
+            return self.call_tool(name, arguments)
+
+        async def arun(**arguments: Any) -> ToolOutput:
+            return await self.acall_tool(name, arguments)
+
+        for fn, prefix in ((run, ""), (arun, "a")):
+            fn.__name__ = fn.__qualname__ = prefix + name
+            fn.__doc__ = TOOL_SPECS[name].description
+        return run, arun
+
+
+def _tool_name(fn_name: str) -> str:
+    if fn_name in TOOL_SPECS:
+        return fn_name
+    if fn_name.startswith("a") and fn_name[1:] in TOOL_SPECS:
+        return fn_name[1:]
+    raise ValueError(f"unknown Moondream tool {fn_name!r}; tools: {', '.join(TOOL_SPECS)}")
+
+
+def _describe_args(image: str, question: str | None, length: str, reasoning: bool) -> dict[str, Any]:
+    return {"image": image, "question": question, "length": length, "reasoning": reasoning}
+
+
+def _segment_args(image: str, object: str, point: list[float] | None, box: list[float] | None) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"image": image, "object": object}
+    if point is not None:
+        arguments["point"] = point
+    if box is not None:
+        arguments["box"] = box
+    return arguments
+
+
+def _result_output(name: str, arguments: dict[str, Any], result: ToolResult) -> ToolOutput:
+    blocks: list[ContentBlock] = [TextBlock(text=result.text)]
+    if result.annotated_png is not None:
+        blocks.append(ImageBlock(image=result.annotated_png, image_mimetype="image/png"))
+    return ToolOutput(
+        tool_name=name,
+        blocks=blocks,
+        raw_input={"args": (), "kwargs": arguments},
+        raw_output=result,
+    )
+
+
+def _error_output(name: str, arguments: dict[str, Any], exc: MoondreamError) -> ToolOutput:
+    text = tool_error_text(exc)
+    return ToolOutput(
+        tool_name=name,
+        content=text,
+        raw_input={"args": (), "kwargs": arguments},
+        raw_output=text,
+        is_error=True,
+        exception=exc,
+    )
