@@ -26,9 +26,11 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
@@ -52,7 +54,7 @@ from .errors import (
     RateLimitError,
     ResponseError,
 )
-from .images import ImageInput, ImageSettings, PreparedImage, prepare_image
+from .images import ImageCache, ImageInput, ImageSettings, PreparedImage, prepare_image
 from .results import (
     Answer,
     Box,
@@ -89,6 +91,7 @@ _CLOUD_HOSTS = frozenset({"api.moondream.ai"})
 #: HTTP statuses retried with backoff (plus connection errors and timeouts).
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 DEFAULT_CHAT_MODEL = "moondream3-preview"
+DEFAULT_MAX_CONCURRENCY = 8
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 8.0
 _ERROR_BODY_CHARS = 500
@@ -103,6 +106,7 @@ SpatialRef = Sequence[float]
 CaptionLength = Literal["short", "normal", "long"]
 _AuthStyle = Literal["skill", "bearer"]
 _T = TypeVar("_T")
+_I = TypeVar("_I")
 
 
 class Settings(TypedDict, total=False):
@@ -172,6 +176,63 @@ class Stream(Generic[_T]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class _Limiter:
+    """Concurrency limit (per event loop) plus request pacing shared across loops.
+
+    Pacing is a token bucket of capacity one (virtual scheduling): each request takes
+    the next free slot ``1 / requests_per_second`` after the previous one. ``pause``
+    pushes every future slot back, which is how a 429 slows down the whole client.
+    """
+
+    def __init__(self, max_concurrency: int | None, requests_per_second: float | None) -> None:
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1, or None for no limit")
+        if requests_per_second is not None and not requests_per_second > 0:
+            raise ValueError("requests_per_second must be positive, or None for no pacing")
+        self.max_concurrency = max_concurrency
+        self.interval = 1.0 / requests_per_second if requests_per_second else 0.0
+        self._next_slot = 0.0
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+        self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _semaphore(self) -> asyncio.Semaphore | None:
+        if self.max_concurrency is None:
+            return None
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            semaphore = self._semaphores.get(loop)
+            if semaphore is None:
+                semaphore = self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
+        return semaphore
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    async def _wait_turn(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._paused_until, self._next_slot)
+            if self.interval:
+                self._next_slot = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        semaphore = self._semaphore()
+        if semaphore is None:
+            await self._wait_turn()
+            yield
+            return
+        async with semaphore:
+            await self._wait_turn()
+            yield
 
 
 @dataclass(frozen=True)
@@ -256,6 +317,15 @@ class AsyncMoondream:
             honoring ``Retry-After``.
         max_retry_after: longest ``Retry-After`` the client will wait, in seconds.
         image_settings: how images are read and encoded (:class:`ImageSettings`).
+        max_concurrency: requests of this client in flight at once (per event loop);
+            None for no limit. Further calls wait their turn.
+        requests_per_second: pace requests to at most this rate (a token bucket shared by
+            every call of the client), so a burst of tool calls does not collect 429s.
+            None for no pacing. Either way, a 429 pauses every request of the client
+            for the server's ``Retry-After``.
+        image_cache_bytes: size of the LRU cache of prepared images shared by every call
+            on this client (0 disables it): calling several skills on one image decodes
+            and encodes it once.
 
     Every skill method also takes ``model=``, ``timeout=`` and ``max_retries=`` for one call.
     Images may be given in any form of :data:`~moondream_tools.images.ImageInput`.
@@ -281,7 +351,10 @@ class AsyncMoondream:
         timeout: float | Timeout | None = None,
         max_retries: int = 2,
         max_retry_after: float = 60.0,
+        max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY,
+        requests_per_second: float | None = None,
         image_settings: ImageSettings | None = None,
+        image_cache_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("MOONDREAM_API_KEY")
         url = base_url if base_url is not None else os.environ.get("MOONDREAM_BASE_URL")
@@ -308,6 +381,9 @@ class AsyncMoondream:
         self.max_retries = max_retries
         self.max_retry_after = max_retry_after
         self.image_settings = image_settings or ImageSettings()
+        self.image_cache = ImageCache(image_cache_bytes)
+        self._limiter = _Limiter(max_concurrency, requests_per_second)
+        self.max_concurrency = max_concurrency
         self._user_agent = f"moondream-tools/{__version__}"
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
@@ -424,10 +500,11 @@ class AsyncMoondream:
             people = await md.point(prepared, "person")
         """
         settings = settings or self.image_settings
+        cache = self.image_cache
         if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://")):
             async with self._session_scope() as session:
-                return await prepare_image(image, settings=settings, session=session)
-        return await prepare_image(image, settings=settings)
+                return await prepare_image(image, settings=settings, session=session, cache=cache)
+        return await prepare_image(image, settings=settings, cache=cache)
 
     def _retry_delay(self, error: MoondreamError, attempt: int, options: _CallOptions) -> float | None:
         """Seconds to wait before retrying after ``error``, or None to give up."""
@@ -440,9 +517,15 @@ class AsyncMoondream:
         elif not isinstance(error, APIConnectionError):
             return None
         retry_after = getattr(error, "_retry_after", None)
-        if retry_after is not None:
-            return retry_after
-        return random.uniform(0.0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+        delay = (
+            retry_after
+            if retry_after is not None
+            else random.uniform(0.0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+        )
+        if isinstance(error, RateLimitError):
+            # Back off for everyone: every request of this client waits, not just this one.
+            self._limiter.pause(delay if retry_after is not None else _BACKOFF_BASE * 2**attempt)
+        return delay
 
     def _status_error(
         self, route: str, status: int, body: Any, request_id: str | None, retry_after: float | None
@@ -529,7 +612,7 @@ class AsyncMoondream:
     ) -> tuple[dict[str, Any], str | None]:
         logger.debug("%s %s (%d bytes)", method, route, len(payload or b""))
         try:
-            async with self._session_scope() as session:
+            async with self._limiter.slot(), self._session_scope() as session:
                 async with session.request(
                     method, url, data=payload, headers=headers, timeout=options.timeout._aiohttp()
                 ) as resp:
@@ -632,7 +715,7 @@ class AsyncMoondream:
     ) -> AsyncIterator[dict[str, Any]]:
         logger.debug("POST %s (stream, %d bytes)", route, len(payload))
         try:
-            async with self._session_scope() as session:
+            async with self._limiter.slot(), self._session_scope() as session:
                 async with session.post(
                     url, data=payload, headers=headers, timeout=options.timeout._aiohttp()
                 ) as resp:
@@ -691,6 +774,50 @@ class AsyncMoondream:
         if options.model is not None:
             body["model"] = options.model
         return body
+
+    async def map(
+        self,
+        func: Callable[[_I], Awaitable[_T]],
+        items: Iterable[_I],
+        *,
+        concurrency: int | None = None,
+    ) -> list[_T | MoondreamError]:
+        """Run ``func`` on every item concurrently; results in input order.
+
+        A :class:`MoondreamError` for one item becomes that item's result, so one bad
+        image or one failed request never loses the rest of the batch; any other
+        exception is a bug and propagates. At most ``concurrency`` items (default: the
+        client's ``max_concurrency``) are in progress at once, which also bounds how many
+        decoded images are in memory.
+
+        Example::
+
+            results = await md.map(lambda path: md.detect(path, "car"), paths)
+            for path, result in zip(paths, results):
+                if isinstance(result, MoondreamError):
+                    print(path, "failed:", result)
+                else:
+                    print(path, len(result.objects))
+        """
+        todo = list(items)
+        limit = concurrency or self.max_concurrency or max(1, len(todo))
+        if limit < 1:
+            raise ValueError("concurrency must be at least 1")
+        gate = asyncio.Semaphore(limit)
+
+        async def one(item: _I) -> _T | MoondreamError:
+            async with gate:
+                try:
+                    return await func(item)
+                except MoondreamError as error:
+                    return error
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(item)) for item in todo]
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        return [task.result() for task in tasks]
 
     # ------------------------------------------------------------------ skills
 
@@ -855,7 +982,7 @@ class AsyncMoondream:
         prepared = await self.prepare(image)
         body = self._body(
             options,
-            image_url=prepared.data_url,
+            image_url=prepared.segment_data_url if route == "/segment" else prepared.data_url,
             object=object,
             **extra_fields,
             spatial_refs=_spatial_refs(spatial_refs),
@@ -971,7 +1098,7 @@ class AsyncMoondream:
             prepared = await self.prepare(image)
             size.append(prepared.size)
             body.update(
-                self._body(options, image_url=prepared.data_url, object=object, stream=True,
+                self._body(options, image_url=prepared.segment_data_url, object=object, stream=True,
                            spatial_refs=refs, settings=_settings(settings))
             )
 

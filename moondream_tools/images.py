@@ -29,11 +29,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
+import math
 import os
 import stat
+import threading
+import weakref
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Union
 
@@ -52,6 +58,9 @@ __all__ = [
     "PreparedImage",
     "prepare_image",
     "decode_image",
+    "model_working_size",
+    "upload_sizes",
+    "ImageCache",
 ]
 
 #: Everything the client accepts as an image.
@@ -69,6 +78,78 @@ ImageInput = Union[
 
 DEFAULT_MAX_PIXELS = 80_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: Moondream's vision encoder: 378 px crops, 14 px patches, 4-patch overlap margins.
+MODEL_CROP_SIZE = 378
+MODEL_CROP_MARGIN = 56
+MODEL_MAX_CROPS = 12
+
+
+def _select_tiling(height: int, width: int, crop: int, max_crops: int) -> tuple[int, int]:
+    """Moondream's rule for how many crop rows and columns cover an image."""
+    if height <= crop or width <= crop:
+        return (1, 1)
+    min_h = math.ceil(height / crop)
+    min_w = math.ceil(width / crop)
+    if min_h * min_w > max_crops:
+        ratio = math.sqrt(max_crops / (min_h * min_w))
+        return (max(1, math.floor(min_h * ratio)), max(1, math.floor(min_w * ratio)))
+    h_tiles = max(math.floor(math.sqrt(max_crops * height / width)), min_h)
+    w_tiles = max(math.floor(math.sqrt(max_crops * width / height)), min_w)
+    if h_tiles * w_tiles > max_crops:
+        if w_tiles > h_tiles:
+            w_tiles = math.floor(max_crops / h_tiles)
+        else:
+            h_tiles = math.floor(max_crops / w_tiles)
+    return (max(1, h_tiles), max(1, w_tiles))
+
+
+def model_working_size(width: int, height: int, max_crops: int = MODEL_MAX_CROPS) -> tuple[int, int]:
+    """The size Moondream resizes an image to before its crops are cut, as ``(w, h)``.
+
+    The model covers the image with overlapping 378 px crops (a 266 px window plus a
+    56 px margin each side), at most ``max_crops`` of them, and resizes the image to
+    exactly fit that grid.
+
+    >>> model_working_size(4000, 3000)
+    (1176, 644)
+    >>> model_working_size(300, 200)
+    (378, 378)
+    """
+    window = MODEL_CROP_SIZE - 2 * MODEL_CROP_MARGIN
+    margins = 2 * MODEL_CROP_MARGIN
+    rows, cols = _select_tiling(height - margins, width - margins, window, max_crops)
+    return (cols * window + margins, rows * window + margins)
+
+
+def upload_sizes(width: int, height: int, settings: ImageSettings) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(skill size, segment size)`` to send for an oriented ``width`` x ``height`` image.
+
+    The skill size keeps the aspect ratio and at least the model's working resolution
+    on both axes; the segment size caps the long side. Neither ever upscales.
+
+    >>> upload_sizes(4000, 3000, ImageSettings())
+    ((1176, 882), (2000, 1500))
+    >>> upload_sizes(640, 480, ImageSettings())
+    ((640, 480), (640, 480))
+    """
+
+    def scaled(scale: float) -> tuple[int, int]:
+        if scale >= 1.0:
+            return (width, height)
+        return (max(1, round(width * scale)), max(1, round(height * scale)))
+
+    if settings.skill_max_crops is None:
+        skill = (width, height)
+    else:
+        target_w, target_h = model_working_size(width, height, settings.skill_max_crops)
+        skill = scaled(max(target_w / width, target_h / height))
+    if settings.segment_max_side is None:
+        segment = (width, height)
+    else:
+        segment = scaled(settings.segment_max_side / max(width, height))
+    if segment[0] < skill[0]:  # segmentation never gets less than the other skills
+        segment = skill
+    return skill, segment
 
 
 @dataclass(frozen=True)
@@ -82,6 +163,13 @@ class ImageSettings:
             refused before they are read in full. Default 64 MiB.
         jpeg_quality: quality of the JPEG sent to Moondream (1-95).
         download_timeout: seconds allowed for fetching an ``http(s)`` image.
+        skill_max_crops: caption, query, detect and point see the image through at most
+            this many overlapping 378 px crops (Moondream uses 12), so the image is
+            downscaled (never upscaled) to the size that tiling works at: about 1176 px on
+            the long side of a 4:3 photo. None sends the full resolution.
+        segment_max_side: segmentation refines its mask on the original pixels around
+            the object, so it gets more: the long side is capped at this (default 2000 px).
+            None sends the full resolution.
 
     Example::
 
@@ -92,10 +180,16 @@ class ImageSettings:
     max_bytes: int = DEFAULT_MAX_BYTES
     jpeg_quality: int = 90
     download_timeout: float = 30.0
+    skill_max_crops: int | None = MODEL_MAX_CROPS
+    segment_max_side: int | None = 2000
 
     def __post_init__(self) -> None:
         if self.max_pixels <= 0 or self.max_bytes <= 0:
             raise ValueError("max_pixels and max_bytes must be positive")
+        if self.skill_max_crops is not None and self.skill_max_crops < 1:
+            raise ValueError("skill_max_crops must be at least 1, or None to send full resolution")
+        if self.segment_max_side is not None and self.segment_max_side < 64:
+            raise ValueError("segment_max_side must be at least 64, or None to send full resolution")
         if not 1 <= self.jpeg_quality <= 95:
             raise ValueError(f"jpeg_quality must be within 1..95, got {self.jpeg_quality}")
         if self.download_timeout <= 0:
@@ -104,20 +198,23 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """An image ready to send: a JPEG data URL plus the size of the oriented source.
+    """An image ready to send: JPEG data URLs plus the size of the oriented source.
 
     Attributes:
-        data_url: ``data:image/jpeg;base64,...`` as Moondream's ``image_url`` expects.
+        data_url: ``data:image/jpeg;base64,...`` for caption, query, detect and point,
+            at the model's working resolution.
         width, height: the oriented source image size (EXIF applied): the frame of
             every pixel coordinate reported for this image.
-        upload_width, upload_height: the size of the JPEG actually sent.
+        upload_width, upload_height: the size of the JPEG in ``data_url``.
+        segment_data_url: the JPEG for segmentation, with more resolution (defaults to
+            ``data_url``), and its ``segment_upload_width`` / ``segment_upload_height``.
 
     Passing a ``PreparedImage`` to any client method sends it without re-encoding,
     so several calls on one big image pay for decoding once::
 
         prepared = await md.prepare("photo.jpg")
         boxes = await md.detect(prepared, "car")
-        points = await md.point(prepared, "person")
+        mask = await md.segment(prepared, "car")
     """
 
     data_url: str = field(repr=False)
@@ -125,6 +222,21 @@ class PreparedImage:
     height: int
     upload_width: int
     upload_height: int
+    segment_data_url: str = field(default="", repr=False)
+    segment_upload_width: int = 0
+    segment_upload_height: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.segment_data_url:
+            object.__setattr__(self, "segment_data_url", self.data_url)
+            object.__setattr__(self, "segment_upload_width", self.upload_width)
+            object.__setattr__(self, "segment_upload_height", self.upload_height)
+
+    @property
+    def nbytes(self) -> int:
+        """Characters held by the payloads (what a cache entry costs)."""
+        extra = len(self.segment_data_url) if self.segment_data_url is not self.data_url else 0
+        return len(self.data_url) + extra
 
     @property
     def size(self) -> ImageSize:
@@ -291,8 +403,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(source: bytes | Image.Image, settings: ImageSettings) -> Image.Image:
-    """Decode, check, orient and convert an image to RGB (blocking; run in a thread).
+_ORIENTATION_TAG = 0x0112
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    width, height = img.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _draft(img: Image.Image, target: tuple[int, int], oriented: tuple[int, int]) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when that still covers ``target``."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L", "CMYK"):
+        return
+    if target[0] >= oriented[0] and target[1] >= oriented[1]:
+        return
+    swapped = oriented != img.size
+    request = (target[1], target[0]) if swapped else target
+    img.draft(img.mode, request)
+
+
+def decode_image(
+    source: bytes | Image.Image, settings: ImageSettings, *, min_size: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode, check, orient and convert an image to RGB (blocking; run it in a thread).
+
+    Returns the upright RGB image and the upright size of the source. With ``min_size``
+    a JPEG may be decoded at a reduced scale (DCT scaling) that still covers
+    ``min_size`` on both axes, so a big photo is never fully decoded just to be shrunk.
 
     Raises:
         ImageError: not an image, truncated, zero-size, or over ``settings.max_pixels``.
@@ -303,33 +441,55 @@ def decode_image(source: bytes | Image.Image, settings: ImageSettings) -> Image.
         img = _open_checked(source, settings)
     _check_pixels(img, settings)
     try:
+        oriented_size = _oriented_size(img)
+        if min_size is not None:
+            _draft(img, min_size, oriented_size)
         img.load()
-        oriented = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(oriented)
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot decode image (truncated or corrupt?): {exc}") from None
     if rgb.width <= 0 or rgb.height <= 0:
         raise ImageError(f"image has zero size ({rgb.width}x{rgb.height})")
-    return rgb
+    return rgb, oriented_size
 
 
-def _encode(rgb: Image.Image, settings: ImageSettings) -> PreparedImage:
+def _resized(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    if img.size == size:
+        return img
+    # Lanczos for quality; reducing_gap first box-reduces big factors, which is fast.
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _jpeg_data_url(rgb: Image.Image, settings: ImageSettings) -> str:
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=settings.jpeg_quality)
-    encoded = base64.b64encode(buffer.getbuffer()).decode("ascii")
-    return PreparedImage(
-        data_url="data:image/jpeg;base64," + encoded,
-        width=rgb.width,
-        height=rgb.height,
-        upload_width=rgb.width,
-        upload_height=rgb.height,
-    )
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getbuffer()).decode("ascii")
 
 
 def _prepare_sync(source: bytes | Image.Image, settings: ImageSettings) -> PreparedImage:
-    return _encode(decode_image(source, settings), settings)
+    """Decode once at the larger of the two upload sizes, then encode both payloads."""
+    img = source if isinstance(source, Image.Image) else _open_checked(source, settings)
+    _check_pixels(img, settings)
+    skill_size, segment_size = upload_sizes(*_oriented_size(img), settings)
+    rgb, oriented = decode_image(img, settings, min_size=segment_size)
+    segment_image = _resized(rgb, segment_size)
+    segment_url = _jpeg_data_url(segment_image, settings)
+    if skill_size == segment_size:
+        skill_url = segment_url
+    else:
+        skill_url = _jpeg_data_url(_resized(segment_image, skill_size), settings)
+    return PreparedImage(
+        data_url=skill_url,
+        width=oriented[0],
+        height=oriented[1],
+        upload_width=skill_size[0],
+        upload_height=skill_size[1],
+        segment_data_url=segment_url,
+        segment_upload_width=segment_size[0],
+        segment_upload_height=segment_size[1],
+    )
 
 
 async def _load_source(
@@ -371,21 +531,188 @@ async def _load_source(
     )
 
 
+# ---------------------------------------------------------------- cache
+
+
+class ImageCache:
+    """A bounded LRU cache of :class:`PreparedImage` s, sized by payload characters.
+
+    Keys are the image's identity: the content hash of bytes and data URLs, the
+    resolved path plus size and modification time of files, the object identity of
+    PIL images (do not mutate a PIL image between calls: pass a copy instead), plus
+    the :class:`ImageSettings` used. One cache is shared by every call on a client, so
+    several tools on one image decode it once. Thread-safe.
+
+    Example::
+
+        md = AsyncMoondream(image_cache_bytes=256 * 1024 * 1024)
+        print(len(md.image_cache), md.image_cache.nbytes)
+    """
+
+    def __init__(self, max_bytes: int = 128 * 1024 * 1024) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0 (0 disables the cache)")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, PreparedImage] = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+        self._watched: set[Hashable] = set()
+        self._inflight: dict[Hashable, tuple[asyncio.AbstractEventLoop, asyncio.Future[PreparedImage]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload characters held now."""
+        return self._nbytes
+
+    def get(self, key: Hashable) -> PreparedImage | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: PreparedImage) -> None:
+        size = value.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._nbytes -= old.nbytes
+            self._entries[key] = value
+            self._nbytes += size
+            while self._nbytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._nbytes -= evicted.nbytes
+
+    def discard(self, key: Hashable) -> None:
+        with self._lock:
+            self._watched.discard(key)
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._nbytes -= old.nbytes
+
+    def watch(self, image: Image.Image, key: Hashable) -> None:
+        """Drop ``key`` when ``image`` is garbage-collected (its id may then be reused)."""
+        with self._lock:
+            if key in self._watched:
+                return
+            self._watched.add(key)
+        weakref.finalize(image, self.discard, key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._nbytes = 0
+
+
+def _digest(data: bytes | memoryview | str) -> bytes:
+    if isinstance(data, str):
+        data = data.encode("ascii", "surrogateescape")
+    return hashlib.blake2b(data, digest_size=20).digest()
+
+
+def _source_key(image: ImageInput) -> Hashable | None:
+    """A cheap identity for ``image`` before reading it, or None when only its bytes can tell."""
+    if isinstance(image, Image.Image):
+        return ("pil", id(image), image.size, image.mode)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return ("bytes", _digest(bytes(image) if isinstance(image, bytearray) else image))
+    if _is_numpy_array(image):
+        array: Any = image
+        contiguous = array if array.flags["C_CONTIGUOUS"] else array.copy()
+        return ("array", _digest(memoryview(contiguous).cast("B")), tuple(array.shape), str(array.dtype))
+    path: str | None = None
+    if isinstance(image, str):
+        lowered = image[:8].lower()
+        if lowered.startswith("data:"):
+            return ("data", _digest(image))
+        if lowered.startswith(("http://", "https://")):
+            return None
+        path = _file_url_to_path(image) if lowered.startswith("file:") else image
+    elif isinstance(image, os.PathLike):
+        path = os.fspath(image)
+    if path:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        return ("file", os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return None
+
+
 async def prepare_image(
     image: ImageInput,
     *,
     settings: ImageSettings,
     session: aiohttp.ClientSession | None = None,
+    cache: ImageCache | None = None,
 ) -> PreparedImage:
     """Turn any :data:`ImageInput` into a :class:`PreparedImage`.
 
     Reading files runs in a thread, downloads use ``session``, decoding and encoding
-    run in a thread. Errors about the image are :class:`~moondream_tools.ImageError`
-    with a message saying what is wrong.
+    run in a thread. With a ``cache``, an image already prepared with the same settings
+    is returned at once, and concurrent calls for one image decode it once. Errors about
+    the image are :class:`~moondream_tools.ImageError` with a message saying what is wrong.
     """
     if isinstance(image, PreparedImage):
         return image
+    if cache is None or cache.max_bytes == 0:
+        return await _prepare_uncached(image, settings, session)
+    source_key = _source_key(image)
+    if source_key is None:  # a URL or file object: its bytes are its identity
+        source = await _load_source(image, session, settings)
+        if not isinstance(source, bytes):  # pragma: no cover - URLs and files give bytes
+            return await _prepare_loaded(image, source, settings)
+        key: Hashable = (("bytes", _digest(source)), settings)
+        return await _cached(cache, key, lambda: _prepare_loaded(image, source, settings))
+    key = (source_key, settings)
+    if isinstance(image, Image.Image):
+        cache.watch(image, key)
+    return await _cached(cache, key, lambda: _prepare_uncached(image, settings, session))
+
+
+async def _cached(
+    cache: ImageCache,
+    key: Hashable,
+    compute: Callable[[], Awaitable[PreparedImage]],
+) -> PreparedImage:
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    loop = asyncio.get_running_loop()
+    pending = cache._inflight.get(key)
+    if pending is not None and pending[0] is loop:
+        return await asyncio.shield(pending[1])
+    future: asyncio.Future[PreparedImage] = loop.create_future()
+    cache._inflight[key] = (loop, future)
+    try:
+        prepared = await compute()
+    except BaseException as exc:
+        if not future.done():
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must
+        raise
+    else:
+        cache.put(key, prepared)
+        future.set_result(prepared)
+        return prepared
+    finally:
+        if cache._inflight.get(key, (None, None))[1] is future:
+            del cache._inflight[key]
+
+
+async def _prepare_uncached(
+    image: ImageInput, settings: ImageSettings, session: aiohttp.ClientSession | None
+) -> PreparedImage:
     source = await _load_source(image, session, settings)
+    return await _prepare_loaded(image, source, settings)
+
+
+async def _prepare_loaded(image: ImageInput, source: bytes | Image.Image, settings: ImageSettings) -> PreparedImage:
     try:
         return await asyncio.to_thread(_prepare_sync, source, settings)
     except ImageError as exc:

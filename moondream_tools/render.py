@@ -463,7 +463,7 @@ def _load(image: RenderImage) -> Image.Image:
         raise TypeError(
             f"annotate() takes a PIL image, a path or encoded bytes, got {type(image).__name__}"
         )
-    result = decode_image(source, settings)
+    result, _ = decode_image(source, settings)
     if result is image:  # already upright RGB: never draw on the caller's image
         result = result.copy()
     return result

@@ -487,12 +487,6 @@ def tool_error_text(error: MoondreamError) -> str:
 # ---------------------------------------------------------------------- tools
 
 
-@dataclass
-class _Registered:
-    source: ImageInput
-    prepared: PreparedImage | None = None
-
-
 class VisionTools:
     """The four vision tools over one Moondream client, with an image registry and policy.
 
@@ -530,7 +524,7 @@ class VisionTools:
         if max_objects < 1:
             raise ValueError("max_objects must be at least 1")
         self.max_objects = max_objects
-        self._registry: dict[str, _Registered] = {}
+        self._registry: dict[str, ImageInput] = {}
 
     def __repr__(self) -> str:
         return (
@@ -573,7 +567,7 @@ class VisionTools:
                 f"image name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with"
                 " a letter, digit or '_'"
             )
-        self._registry[name] = _Registered(source=image)
+        self._registry[name] = image
         return name
 
     def remove_image(self, name: str) -> None:
@@ -594,11 +588,8 @@ class VisionTools:
         if not isinstance(reference, str) or not reference.strip():
             raise ImageAccessError("image must be a non-empty string naming an image")
         reference = reference.strip()
-        registered = self._registry.get(reference)
-        if registered is not None:
-            if registered.prepared is None:
-                registered.prepared = await self.client.prepare(registered.source)
-            return registered.prepared
+        if reference in self._registry:
+            return await self.client.prepare(self._registry[reference])
         lowered = reference[:8].lower()
         settings = self.policy.image_settings()
         if lowered.startswith(("http://", "https://")):
@@ -767,6 +758,21 @@ class VisionTools:
             raise ToolArgumentsError.from_validation(tool, exc) from None
         method: Callable[..., Awaitable[ToolResult]] = getattr(self, spec.method)
         return await method(**args.model_dump())
+
+    async def batch(
+        self, tool: str, arguments: Sequence[Mapping[str, Any]], *, concurrency: int | None = None
+    ) -> list[ToolResult | MoondreamError]:
+        """Run one tool on many argument sets concurrently; results in input order.
+
+        Each failure (a bad image, a failed request, invalid arguments) is returned in
+        its item's place as the :class:`MoondreamError`; the rest of the batch finishes.
+
+        Example::
+
+            handles = [tools.add_image(p) for p in photos]
+            results = await tools.batch("count_objects", [{"image": h, "object": "person"} for h in handles])
+        """
+        return await self.client.map(lambda args: self.run(tool, args), arguments, concurrency=concurrency)
 
     def run_sync(self, tool: str, arguments: Mapping[str, Any]) -> ToolResult:
         """:meth:`run` for synchronous code, in a plain script or inside a running loop."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import binascii
 import io
 import json
@@ -321,6 +322,10 @@ class FakeMoondream:
     (settable) is slept before each answer; ``stream_interval`` (settable) is
     slept between SSE events. Faults are FIFO: each injector applies to the
     next ``count`` requests once the faults injected before it are used up.
+    ``in_flight`` / ``max_in_flight`` count requests being answered now / at most.
+    ``rate_limit`` (settable) answers HTTP 429 with ``Retry-After`` to any request
+    beyond that many in the last second, like a rate-limited cloud; ``rate_limited``
+    counts those answers.
     """
 
     def __init__(
@@ -331,8 +336,14 @@ class FakeMoondream:
         stream_text_key: str = "chunk",
         max_objects_default: int = 50,
         models: list[str] | None = None,
+        rate_limit: float | None = None,
     ) -> None:
         self.api_key = api_key
+        self.rate_limit = rate_limit
+        self.rate_limited = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._accepted: collections.deque[float] = collections.deque()
         self.latency = latency
         self.stream_text_key = stream_text_key
         self.max_objects_default = max_objects_default
@@ -466,6 +477,14 @@ class FakeMoondream:
     def _make_middleware(self):
         @web.middleware
         async def middleware(request: web.Request, handler):
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                return await answer(request, handler)
+            finally:
+                self.in_flight -= 1
+
+        async def answer(request: web.Request, handler):
             body = await request.read()
             parsed: Any = None
             if body:
@@ -484,6 +503,11 @@ class FakeMoondream:
                     query=dict(request.query),
                 )
             )
+            if self.rate_limit is not None and self._over_rate():
+                self.rate_limited += 1
+                return web.json_response(
+                    {"error": "Rate limit exceeded"}, status=429, headers={"Retry-After": "1"}
+                )
             await self._sleep(self.latency)
             fault = self._take_fault()
             if fault is not None:
@@ -519,6 +543,16 @@ class FakeMoondream:
                 raise
 
         return middleware
+
+    def _over_rate(self) -> bool:
+        """Sliding one-second window: True when this request would exceed ``rate_limit``."""
+        now = time.monotonic()
+        while self._accepted and now - self._accepted[0] >= 1.0:
+            self._accepted.popleft()
+        if len(self._accepted) >= (self.rate_limit or 0):
+            return True
+        self._accepted.append(now)
+        return False
 
     @staticmethod
     def _error(status: int, message: str) -> web.Response:

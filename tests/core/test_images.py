@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
 
 from moondream_tools import ImageError, ImageSettings, PreparedImage
 from moondream_tools import images as images_module
-from moondream_tools.images import prepare_image
+from moondream_tools.images import model_working_size, prepare_image, upload_sizes
 
 SETTINGS = ImageSettings()
 
@@ -116,9 +117,11 @@ async def test_exif_orientation_built_with_pillow(orientation: int) -> None:
 @pytest.mark.parametrize("kind", ["Landscape", "Portrait"])
 async def test_exif_orientation_real_photos(shared_data: Path, kind: str) -> None:
     # Every file, shown with its orientation applied, looks like <kind>_0.jpg.
-    reference = sent_pixels(await prepare(shared_data / "exif" / f"{kind}_0.jpg"))
+    first = await prepare(shared_data / "exif" / f"{kind}_0.jpg")
+    reference = sent_pixels(first)
     expected = (1800, 1200) if kind == "Landscape" else (1200, 1800)
-    assert reference.size == expected
+    assert (first.width, first.height) == expected
+    assert reference.size == upload_sizes(*expected, SETTINGS)[0]
     small_ref = np.asarray(reference.resize((90, 60) if kind == "Landscape" else (60, 90)), dtype=float)
     for index in range(1, 9):
         prepared = await prepare(shared_data / "exif" / f"{kind}_{index}.jpg")
@@ -211,15 +214,55 @@ async def test_cmyk_grayscale_bilevel_and_animation() -> None:
     assert close_to(out.getpixel((8, 8)), (0, 0, 255), 12), "the first frame is used"
 
 
-async def test_twelve_megapixel_photo(shared_data: Path) -> None:
+async def test_twelve_megapixel_photo(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     photo = Image.open(shared_data / "exif" / "Landscape_0.jpg").convert("RGB").resize((4000, 3000))
     data = encode(photo, "JPEG", quality=90)
+    drafts: list[tuple[int, int]] = []
+    original_draft = JpegImageFile.draft
+
+    def spy(self: JpegImageFile, mode: str | None, size: tuple[int, int] | None) -> object:
+        result = original_draft(self, mode, size)
+        drafts.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImageFile, "draft", spy)
     prepared = await prepare(data)
+    assert drafts == [(2000, 1500)], "the JPEG is decoded at half scale, never at full size"
     assert (prepared.width, prepared.height) == (4000, 3000)
-    out = sent_pixels(prepared)
-    assert out.size == (4000, 3000)
-    diff = np.abs(np.asarray(out.resize((200, 150)), float) - np.asarray(photo.resize((200, 150)), float))
-    assert diff.mean() < 4
+    # caption/query/detect/point get the model's working resolution, segment gets more
+    assert (prepared.upload_width, prepared.upload_height) == (1176, 882)
+    assert (prepared.segment_upload_width, prepared.segment_upload_height) == (2000, 1500)
+    for url, size in ((prepared.data_url, (1176, 882)), (prepared.segment_data_url, (2000, 1500))):
+        out = Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGB")
+        assert out.size == size
+        diff = np.abs(np.asarray(out.resize((200, 150)), float) - np.asarray(photo.resize((200, 150)), float))
+        assert diff.mean() < 4
+    # A 12 MP photo becomes a payload a small fraction of a full-size quality-95 JPEG.
+    assert len(prepared.data_url) < 0.15 * len(base64.b64encode(encode(photo, "JPEG", quality=95)))
+
+
+@pytest.mark.parametrize(
+    ("size", "working"),
+    [((4000, 3000), (1176, 644)), ((3000, 4000), (644, 1176)), ((1800, 1200), (1176, 644)),
+     ((640, 480), (1176, 644)), ((300, 200), (378, 378)), ((8000, 1000), (2506, 378))],
+)
+def test_model_working_size_follows_moondream_tiling(size: tuple[int, int], working: tuple[int, int]) -> None:
+    assert model_working_size(*size) == working
+    width, height = working
+    crops = ((width - 112) // 266) * ((height - 112) // 266)
+    assert crops <= 12
+
+
+def test_upload_sizes_never_upscale_and_cover_the_model_size() -> None:
+    for width, height in ((4000, 3000), (3000, 4000), (1920, 1080), (640, 480), (50, 40), (10000, 500)):
+        skill, segment = upload_sizes(width, height, SETTINGS)
+        assert skill[0] <= width and skill[1] <= height and segment[0] <= width
+        target = model_working_size(width, height)
+        assert skill[0] >= min(width, target[0]) - 1 and skill[1] >= min(height, target[1]) - 1
+        assert abs(skill[0] / skill[1] - width / height) < 0.02 * width / height
+        assert max(segment) <= max(2000, max(skill))
+    full = ImageSettings(skill_max_crops=None, segment_max_side=None)
+    assert upload_sizes(4000, 3000, full) == ((4000, 3000), (4000, 3000))
 
 
 async def test_decoding_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:

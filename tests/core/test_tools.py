@@ -152,9 +152,12 @@ async def test_return_images_draws_the_result(client: AsyncMoondream) -> None:
     result = await tools.locate("img_1", "blue square")
     assert result.annotated_png is not None
     picture = Image.open(io.BytesIO(result.annotated_png)).convert("RGB")
-    assert picture.size == (1280, 853)
-    x0, y0, x1, y1 = CROWD.matching("blue square")[0].bbox_px
-    edge = np.asarray(picture)[y0 + 30 : y1 - 30, x0 - 2 : x0 + 3].reshape(-1, 3)
+    # drawn on the uploaded image: the model's working resolution, same aspect ratio
+    prepared = await client.prepare(CROWD.render())
+    assert picture.size == (prepared.upload_width, prepared.upload_height)
+    scale = picture.width / 1280
+    x0, y0, x1, y1 = (round(v * scale) for v in CROWD.matching("blue square")[0].bbox_px)
+    edge = np.asarray(picture)[y0 + 30 : y1 - 30, x0 - 3 : x0 + 4].reshape(-1, 3)
     color = np.array(color_for("blue square"))
     assert (np.abs(edge - color).sum(axis=1) < 60).any(), "the box outline is drawn in the label color"
 
