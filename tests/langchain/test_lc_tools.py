@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
+from moondream_tools.images import ImageSettings, upload_sizes
 from moondream_tools import (
     TOOL_SPECS,
     AsyncMoondream,
@@ -140,7 +141,7 @@ async def test_return_images_gives_text_and_png_blocks(
     png = base64.b64decode(image["base64"])
     assert png == message.artifact.annotated_png
     picture = Image.open(io.BytesIO(png))
-    assert picture.format == "PNG" and picture.size == (W, H)
+    assert picture.format == "PNG" and picture.size == upload_sizes(W, H, ImageSettings())[0]  # drawn on the upload
 
 
 async def test_return_images_without_a_picture_is_a_text_block(client: AsyncMoondream) -> None:

@@ -16,6 +16,7 @@ from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
 from PIL import Image
 
 from llama_index.tools.moondream import MoondreamToolSpec
+from moondream_tools.images import ImageSettings, upload_sizes
 from moondream_tools import (
     TOOL_SPECS,
     AsyncMoondream,
@@ -222,7 +223,7 @@ async def test_return_images_gives_text_and_png_blocks(client: AsyncMoondream) -
         png = image.resolve_image().read()
         assert png == output.raw_output.annotated_png and png.startswith(b"\x89PNG\r\n\x1a\n")
         with Image.open(io.BytesIO(png)) as picture:
-            assert picture.format == "PNG" and picture.size == (W, H)
+            assert picture.format == "PNG" and picture.size == upload_sizes(W, H, ImageSettings())[0]  # drawn on the upload
     caption = await tools["describe_image"].acall(image="img_1")
     assert [type(b) for b in caption.blocks] == [TextBlock], "a plain caption has nothing to draw"
 
