@@ -267,13 +267,13 @@ def test_upload_sizes_never_upscale_and_cover_the_model_size() -> None:
 
 async def test_decoding_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[int] = []
-    original = images_module._prepare_sync
+    original = images_module._decode_for_upload
 
-    def spy(source: object, settings: ImageSettings) -> PreparedImage:
+    def spy(source: object, settings: ImageSettings) -> object:
         threads.append(threading.get_ident())
         return original(source, settings)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(images_module, "_prepare_sync", spy)
+    monkeypatch.setattr(images_module, "_decode_for_upload", spy)
     await prepare(encode(marker_image(), "PNG"))
     assert threads and threads[0] != threading.get_ident()
 

@@ -38,13 +38,13 @@ def sent_size(data_url: str) -> tuple[int, int]:
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Every image decode+encode the pipeline performs."""
     calls: list[object] = []
-    original = images_module._prepare_sync
+    original = images_module._decode_for_upload
 
-    def spy(source: object, settings: ImageSettings) -> PreparedImage:
+    def spy(source: object, settings: ImageSettings) -> object:
         calls.append(source)
         return original(source, settings)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(images_module, "_prepare_sync", spy)
+    monkeypatch.setattr(images_module, "_decode_for_upload", spy)
     return calls
 
 

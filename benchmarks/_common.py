@@ -1,0 +1,99 @@
+"""Shared pieces of the benchmarks: a 12 MP test photo, timing, tables, an emulator process.
+
+The emulator runs in a separate process so that its image decoding and analysis do not
+compete with the client being measured for the event loop or the GIL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO = ROOT / "examples" / "data" / "waterfall.jpg"
+
+_SERVER = """
+import asyncio, json, sys
+from moondream_tools.testing import FakeMoondream
+
+async def main() -> None:
+    options = json.loads(sys.argv[1])
+    async with FakeMoondream(**options) as server:
+        print(json.dumps({"base_url": server.base_url, "api_key": server.api_key}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def emulator_process(**options: Any) -> Iterator[dict[str, str]]:
+    """Run ``FakeMoondream(**options)`` in a child process; yield its base_url and api_key."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, json.dumps(options)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if not line:
+            raise RuntimeError("the emulator process did not start")
+        yield json.loads(line)
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            child.kill()
+
+
+def photo_12mp(quality: int = 92) -> bytes:
+    """The example photo, upright, scaled to 4000x3000 and saved as a camera-like JPEG."""
+    with Image.open(PHOTO) as img:
+        upright = img.transpose(Image.Transpose.ROTATE_270) if img.size == (1200, 1800) else img.copy()
+    big = upright.convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def timed(func: Callable[[], Any], repeat: int = 5) -> tuple[float, Any]:
+    """Median wall time of ``repeat`` runs, in seconds, and the last result."""
+    times = []
+    result = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = func()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def table(title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    """Print a plain-text table."""
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for index, row in enumerate(cells):
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if index == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def official_client(base_url: str, api_key: str | None) -> Any:
+    """The official `moondream` client (installed --no-deps; only its cloud client is used)."""
+    import moondream
+
+    return moondream.vl(endpoint=base_url, api_key=api_key)
