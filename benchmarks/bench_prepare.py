@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
-from _common import official_client, photo_12mp, table, timed  # noqa: E402
+from _common import official_client, photo_12mp, table  # noqa: E402
 from moondream_tools import AsyncMoondream, ImageSettings  # noqa: E402
 from moondream_tools.images import prepare_image  # noqa: E402
 
 
-REPEAT = 7
+REPEAT = 11
 
 
 def main() -> None:
@@ -39,19 +39,23 @@ def main() -> None:
     def theirs() -> str:
         return official.encode_image(Image.open(io.BytesIO(data))).image_url
 
-    async def ours() -> tuple[float, object]:
-        # Inside one running event loop, as an application runs it; no cache: full work.
-        await prepare_image(data, settings=ImageSettings())  # warm up the worker threads
-        times = []
+    async def measure() -> tuple[float, float, str, object]:
+        # Ours runs inside one event loop, as an application runs it, without the cache
+        # (full work every time); the two paths alternate so machine drift hits both alike.
+        settings = ImageSettings()
+        theirs()
+        await prepare_image(data, settings=settings)  # warm up codecs and worker threads
+        their_times, our_times = [], []
         for _ in range(REPEAT):
             start = time.perf_counter()
-            prepared = await prepare_image(data, settings=ImageSettings())
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), prepared
+            their_url = theirs()
+            their_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            prepared = await prepare_image(data, settings=settings)
+            our_times.append(time.perf_counter() - start)
+        return statistics.median(their_times), statistics.median(our_times), their_url, prepared
 
-    theirs()  # warm up (imports, codec tables)
-    their_time, their_url = timed(theirs, REPEAT)
-    our_time, prepared = asyncio.run(ours())
+    their_time, our_time, their_url, prepared = asyncio.run(measure())
     table(
         f"prepare: a 4000x3000 JPEG ({len(data):,} bytes), median of {REPEAT} runs",
         ("path", "time ms", "payload chars", "sent size", "time ratio", "bytes ratio"),

@@ -699,6 +699,7 @@ class AsyncMoondream:
                     delay = None if started else self._retry_delay(error, attempt, options)
                     if delay is None:
                         raise
+                    logger.info("retrying POST %s (stream) in %.2f s after: %s", route, delay, error)
                     attempt += 1
                     await _sleep(delay)
 

@@ -125,8 +125,11 @@ def model_working_size(width: int, height: int, max_crops: int = MODEL_MAX_CROPS
 def upload_sizes(width: int, height: int, settings: ImageSettings) -> tuple[tuple[int, int], tuple[int, int]]:
     """``(skill size, segment size)`` to send for an oriented ``width`` x ``height`` image.
 
-    The skill size keeps the aspect ratio and at least the model's working resolution
-    on both axes; the segment size caps the long side. Neither ever upscales.
+    The skill size keeps the aspect ratio and is the smallest size from which the model
+    loses nothing: it is at least the model's working size of the original on both axes,
+    and the model's working size of the upload itself is too (the tiling rule has edges:
+    a width just under a crop boundary can drop a whole row of crops, so the scale is
+    raised until it does not). The segment size caps the long side. Neither upscales.
 
     >>> upload_sizes(4000, 3000, ImageSettings())
     ((1176, 882), (2000, 1500))
@@ -142,8 +145,16 @@ def upload_sizes(width: int, height: int, settings: ImageSettings) -> tuple[tupl
     if settings.skill_max_crops is None:
         skill = (width, height)
     else:
-        target_w, target_h = model_working_size(width, height, settings.skill_max_crops)
-        skill = scaled(max(target_w / width, target_h / height))
+        crops = settings.skill_max_crops
+        target_w, target_h = model_working_size(width, height, crops)
+        scale = max(target_w / width, target_h / height)
+        skill = scaled(scale)
+        while skill != (width, height):
+            seen_w, seen_h = model_working_size(*skill, crops)
+            if seen_w >= target_w and seen_h >= target_h:
+                break
+            scale *= 1.02
+            skill = scaled(scale)
     if settings.segment_max_side is None:
         segment = (width, height)
     else:

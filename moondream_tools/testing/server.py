@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import binascii
 import io
 import json
@@ -323,9 +322,9 @@ class FakeMoondream:
     slept between SSE events. Faults are FIFO: each injector applies to the
     next ``count`` requests once the faults injected before it are used up.
     ``in_flight`` / ``max_in_flight`` count requests being answered now / at most.
-    ``rate_limit`` (settable) answers HTTP 429 with ``Retry-After`` to any request
-    beyond that many in the last second, like a rate-limited cloud; ``rate_limited``
-    counts those answers.
+    ``rate_limit`` (settable) answers HTTP 429 with ``Retry-After: 1`` above that many
+    requests per second (a token bucket of that size, like a rate-limited cloud);
+    ``rate_limited`` counts those answers.
     """
 
     def __init__(
@@ -343,7 +342,8 @@ class FakeMoondream:
         self.rate_limited = 0
         self.in_flight = 0
         self.max_in_flight = 0
-        self._accepted: collections.deque[float] = collections.deque()
+        self._tokens = 0.0
+        self._bucket_at: float | None = None
         self.latency = latency
         self.stream_text_key = stream_text_key
         self.max_objects_default = max_objects_default
@@ -545,13 +545,17 @@ class FakeMoondream:
         return middleware
 
     def _over_rate(self) -> bool:
-        """Sliding one-second window: True when this request would exceed ``rate_limit``."""
+        """A token bucket holding ``rate_limit`` tokens, refilled at ``rate_limit`` per second:
+        True (answer 429) when this request finds it empty."""
+        rate = float(self.rate_limit or 0)
         now = time.monotonic()
-        while self._accepted and now - self._accepted[0] >= 1.0:
-            self._accepted.popleft()
-        if len(self._accepted) >= (self.rate_limit or 0):
+        if self._bucket_at is None:
+            self._tokens, self._bucket_at = rate, now
+        self._tokens = min(rate, self._tokens + (now - self._bucket_at) * rate)
+        self._bucket_at = now
+        if self._tokens < 1.0:
             return True
-        self._accepted.append(now)
+        self._tokens -= 1.0
         return False
 
     @staticmethod

@@ -261,6 +261,15 @@ def test_upload_sizes_never_upscale_and_cover_the_model_size() -> None:
         assert skill[0] >= min(width, target[0]) - 1 and skill[1] >= min(height, target[1]) - 1
         assert abs(skill[0] / skill[1] - width / height) < 0.02 * width / height
         assert max(segment) <= max(2000, max(skill))
+    # The model never works at less resolution on the upload than on the original:
+    # the tiling rule's edges (a side just under a crop boundary drops a row) are handled.
+    for width in range(200, 8001, 157):
+        for height in range(200, 8001, 163):
+            skill, _ = upload_sizes(width, height, SETTINGS)
+            target = model_working_size(width, height)
+            seen = model_working_size(*skill)
+            assert seen[0] >= target[0] and seen[1] >= target[1], (width, height, skill)
+            assert skill[0] >= min(width, target[0]) and skill[1] >= min(height, target[1])
     full = ImageSettings(skill_max_crops=None, segment_max_side=None)
     assert upload_sizes(4000, 3000, full) == ((4000, 3000), (4000, 3000))
 
