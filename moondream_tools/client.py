@@ -354,7 +354,7 @@ class AsyncMoondream:
         max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY,
         requests_per_second: float | None = None,
         image_settings: ImageSettings | None = None,
-        image_cache_bytes: int = 128 * 1024 * 1024,
+        image_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("MOONDREAM_API_KEY")
         url = base_url if base_url is not None else os.environ.get("MOONDREAM_BASE_URL")
@@ -983,7 +983,7 @@ class AsyncMoondream:
         prepared = await self.prepare(image)
         body = self._body(
             options,
-            image_url=prepared.segment_data_url if route == "/segment" else prepared.data_url,
+            image_url=await prepared.segment_payload() if route == "/segment" else prepared.data_url,
             object=object,
             **extra_fields,
             spatial_refs=_spatial_refs(spatial_refs),
@@ -1099,7 +1099,7 @@ class AsyncMoondream:
             prepared = await self.prepare(image)
             size.append(prepared.size)
             body.update(
-                self._body(options, image_url=prepared.segment_data_url, object=object, stream=True,
+                self._body(options, image_url=await prepared.segment_payload(), object=object, stream=True,
                            spatial_refs=refs, settings=_settings(settings))
             )
 
