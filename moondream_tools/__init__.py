@@ -37,12 +37,12 @@ from .errors import (
 )
 from .images import ImageInput, ImageSettings, PreparedImage
 from .render import annotate, annotate_png
+from .policy import ImagePolicy
 from .tools import (
     DEFAULT_MAX_OBJECTS,
     TOOL_SPECS,
     CountResult,
     DescribeResult,
-    ImagePolicy,
     LocateResult,
     SegmentResult,
     ToolResult,

@@ -79,6 +79,33 @@ ImageInput = Union[
 
 DEFAULT_MAX_PIXELS = 80_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: Formats decoded by default: what cameras, phones, browsers and scanners produce.
+DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"})  # JPEG covers MPO
+DEFAULT_MAX_FRAMES = 1000
+
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image format ``data`` starts like, from its magic bytes, or None.
+
+    >>> sniff_image(b"GIF89a...."), sniff_image(b"<html>")
+    ('GIF', None)
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return None
 #: Worker threads for resizing and encoding (Pillow releases the GIL while it works).
 _ENCODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moondream-encode")
 #: Moondream's vision encoder: 378 px crops, 14 px patches, 4-patch overlap margins.
@@ -184,6 +211,9 @@ class ImageSettings:
         segment_max_side: segmentation refines its mask on the original pixels around
             the object, so it gets more: the long side is capped at this (default 2000 px).
             None sends the full resolution.
+        formats: the Pillow formats that may be decoded (default: JPEG (with MPO), PNG,
+            GIF, WEBP, BMP, TIFF); anything else is refused without being parsed further.
+        max_frames: animations with more frames are refused (the first frame is used).
 
     Example::
 
@@ -196,12 +226,23 @@ class ImageSettings:
     download_timeout: float = 30.0
     skill_max_crops: int | None = MODEL_MAX_CROPS
     segment_max_side: int | None = 2000
+    formats: frozenset[str] = DEFAULT_FORMATS
+    max_frames: int = DEFAULT_MAX_FRAMES
 
     def __post_init__(self) -> None:
         if self.max_pixels <= 0 or self.max_bytes <= 0:
             raise ValueError("max_pixels and max_bytes must be positive")
         if self.skill_max_crops is not None and self.skill_max_crops < 1:
             raise ValueError("skill_max_crops must be at least 1, or None to send full resolution")
+        if not self.formats:
+            raise ValueError("formats must name at least one image format")
+        object.__setattr__(self, "formats", frozenset(f.upper() for f in self.formats))
+        Image.init()
+        unknown = self.formats - set(Image.OPEN)
+        if unknown:
+            raise ValueError(f"Pillow cannot open these formats: {', '.join(sorted(unknown))}")
+        if self.max_frames < 1:
+            raise ValueError("max_frames must be at least 1")
         if self.segment_max_side is not None and self.segment_max_side < 64:
             raise ValueError("segment_max_side must be at least 64, or None to send full resolution")
         if not 1 <= self.jpeg_quality <= 95:
@@ -401,15 +442,24 @@ def _open_checked(data: bytes, settings: ImageSettings) -> Image.Image:
     if not data:
         raise ImageError("image is empty (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=sorted(settings.formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
             f"image is too large: over {settings.max_pixels} pixels (decompression-bomb guard)"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError("not an image, or an image format Pillow cannot read") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+        allowed = ", ".join(sorted(settings.formats))
+        raise ImageError(f"not an image, or not in an allowed format ({allowed})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot read image: {exc}") from None
+    frames = 1
+    if getattr(img, "is_animated", False):
+        try:
+            frames = int(getattr(img, "n_frames", 1))
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageError(f"cannot read image: {exc}") from None
+    if frames > settings.max_frames:
+        raise ImageError(f"image has {frames} frames, over the limit of {settings.max_frames}")
     return img
 
 

@@ -56,13 +56,13 @@ from .errors import (
     ToolArgumentsError,
 )
 from .geometry import nest_rings, pixels_to_box, pixels_to_point, points_reading_order, position_word, reading_order
-from .images import ImageInput, ImageSettings, PreparedImage
+from .images import ImageInput, PreparedImage
+from .policy import ImagePolicy
 from .render import annotate_png
 from .results import Answer, Caption, Detections, ImageSize, Points, Segmentation
 
 __all__ = [
     "DEFAULT_MAX_OBJECTS",
-    "ImagePolicy",
     "VisionTools",
     "ToolSpec",
     "TOOL_SPECS",
@@ -81,91 +81,6 @@ __all__ = [
 DEFAULT_MAX_OBJECTS = 250
 _HANDLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _MAX_LISTED = 40  # positions listed in a text before "... and N more"
-
-
-# ---------------------------------------------------------------------- policy
-
-
-@dataclass(frozen=True)
-class ImagePolicy:
-    """Which image references the tools accept from an agent, and how big they may be.
-
-    Args:
-        allowed_dirs: directories whose files (after resolving symlinks and ``..``) the
-            tools may read. Default: none; only registered handles work.
-        allow_urls: whether ``http(s)`` URLs may be fetched. Default: off.
-        allowed_hosts: when URLs are on, the only hosts allowed (None: any host).
-        max_bytes: largest encoded image accepted (file, download or data URL).
-        max_pixels: largest image accepted, checked before decoding.
-
-    Example::
-
-        policy = ImagePolicy(allowed_dirs=["/srv/uploads"], allow_urls=True,
-                             allowed_hosts={"images.example.com"})
-    """
-
-    allowed_dirs: Sequence[str | os.PathLike[str]] = ()
-    allow_urls: bool = False
-    allowed_hosts: frozenset[str] | set[str] | None = None
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    _roots: tuple[Path, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.allowed_dirs, (str, os.PathLike)):
-            raise TypeError("allowed_dirs must be a list of directories, not a single path")
-        roots = tuple(Path(os.path.realpath(os.fspath(d))) for d in self.allowed_dirs)
-        object.__setattr__(self, "allowed_dirs", tuple(str(r) for r in roots))
-        object.__setattr__(self, "_roots", roots)
-        if self.allowed_hosts is not None:
-            object.__setattr__(self, "allowed_hosts", frozenset(h.lower() for h in self.allowed_hosts))
-        # Validates the limits.
-        self.image_settings()
-
-    def image_settings(self) -> ImageSettings:
-        """The image limits of this policy as :class:`ImageSettings`."""
-        return ImageSettings(max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-
-    def _where(self) -> str:
-        return ", ".join(str(r) for r in self._roots)
-
-    def check_url(self, url: str) -> str:
-        """Return ``url`` if this policy allows fetching it, else raise :class:`ImageAccessError`."""
-        if not self.allow_urls:
-            raise ImageAccessError(f"URL {url!r} is not allowed: this tool does not fetch URLs")
-        host = (urllib.parse.urlsplit(url).hostname or "").lower()
-        if not host:
-            raise ImageAccessError(f"URL {url!r} has no host")
-        if self.allowed_hosts is not None and host not in self.allowed_hosts:
-            allowed = ", ".join(sorted(self.allowed_hosts)) or "none"
-            raise ImageAccessError(f"URL host {host!r} is not allowed; allowed hosts: {allowed}")
-        return url
-
-    def check_path(self, reference: str) -> Path:
-        """Resolve a local path and return it if it lies inside an allowed directory.
-
-        Relative paths are taken relative to each allowed directory in turn. Symlinks and
-        ``..`` are resolved before the check. Raises :class:`ImageAccessError` otherwise,
-        without saying anything about files outside the allowed directories.
-        """
-        if not self._roots:
-            raise ImageAccessError(
-                f"path {reference!r} is not allowed: this tool reads no local files"
-            )
-        raw = Path(reference)
-        candidates = [raw] if raw.is_absolute() else [root / raw for root in self._roots]
-        inside = False
-        for candidate in candidates:
-            resolved = Path(os.path.realpath(candidate))
-            if any(resolved.is_relative_to(root) for root in self._roots):
-                if resolved.exists():
-                    return resolved
-                inside = True
-        if inside:
-            raise ImageError(f"image file not found: {reference!r} (looked under {self._where()})")
-        raise ImageAccessError(
-            f"path {reference!r} is not allowed: images must be under {self._where()}"
-        )
 
 
 # ---------------------------------------------------------------------- specs
@@ -593,7 +508,7 @@ class VisionTools:
         lowered = reference[:8].lower()
         settings = self.policy.image_settings()
         if lowered.startswith(("http://", "https://")):
-            return await self.client.prepare(self.policy.check_url(reference), settings=settings)
+            return await self.client.prepare(await self.policy.fetch(reference), settings=settings)
         if lowered.startswith("data:"):
             return await self.client.prepare(reference, settings=settings)
         if lowered.startswith("file:"):
