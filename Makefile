@@ -2,6 +2,7 @@
 #   make demo   - create .venv, install, run examples/quickstart.py
 #   make test   - create .venv, install, run the whole test suite
 #   make bench  - run every benchmark under benchmarks/ (prints figures, asserts nothing)
+#   make fuzz   - a long property-based fuzzing session (not part of make test)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 OFFICIAL_MOONDREAM := moondream==2.6.1
 INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench fuzz install clean
 
 install: $(STAMP)
 
@@ -29,6 +30,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/core/test_fuzz.py -m fuzz -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
