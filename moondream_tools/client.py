@@ -312,9 +312,10 @@ class AsyncMoondream:
         model: sent as the ``model`` body field on every call unless a call overrides it
             (finetunes look like ``moondream3-preview/<id>@<step>``).
         timeout: seconds for a whole request, or a :class:`Timeout` (total and connect).
-        max_retries: retries after a connection error, timeout or retryable status
-            (408/409/425/429/5xx/52x), with exponential backoff and full jitter,
-            honoring ``Retry-After``.
+        max_retries: retries after a connection error (not a TLS failure), a timeout, a
+            retryable status (408, 409, 425, 429, 500, 502, 503, 504, 520-524) or a
+            Station "queue full", with exponential backoff and full jitter, honoring
+            ``Retry-After``.
         max_retry_after: longest ``Retry-After`` the client will wait, in seconds.
         image_settings: how images are read and encoded (:class:`ImageSettings`).
         max_concurrency: requests of this client in flight at once (per event loop);
@@ -508,7 +509,7 @@ class AsyncMoondream:
 
     def _retry_delay(self, error: MoondreamError, attempt: int, options: _CallOptions) -> float | None:
         """Seconds to wait before retrying after ``error``, or None to give up."""
-        if attempt >= options.max_retries:
+        if attempt >= options.max_retries or getattr(error, "_retryable", True) is False:
             return None
         if isinstance(error, APIStatusError):
             retryable = error.status_code in RETRY_STATUSES or isinstance(error, RateLimitError)
@@ -530,18 +531,28 @@ class AsyncMoondream:
     def _status_error(
         self, route: str, status: int, body: Any, request_id: str | None, retry_after: float | None
     ) -> APIStatusError:
+        # Redact before anything is cut short, so no fragment of the key survives a cut.
+        body = _redact_body(body, self._redact)
+        if isinstance(body, str):
+            body = body[:_ERROR_BODY_CHARS]
         server_message = _error_message(body)
-        detail = f": {self._redact(server_message)}" if server_message else ""
+        detail = f": {server_message}" if server_message else ""
         cls: type[APIStatusError]
         if status in (400, 422):
-            cls, hint = BadRequestError, "The server rejected the request."
+            cls, hint = (
+                BadRequestError,
+                "The server rejected the request: check the arguments (image, object, settings, model).",
+            )
         elif status == 401:
             cls, hint = (
                 AuthenticationError,
                 "Check the API key: set MOONDREAM_API_KEY or pass AsyncMoondream(api_key=...).",
             )
         elif status == 403:
-            cls, hint = PermissionDeniedError, "The API key is not allowed to do this."
+            cls, hint = (
+                PermissionDeniedError,
+                "The API key may not do this: check its plan and permissions in the Moondream console.",
+            )
         elif status == 404:
             cls, hint = (
                 NotFoundError,
@@ -554,28 +565,31 @@ class AsyncMoondream:
         else:
             cls, hint = APIStatusError, ""
         message = f"HTTP {status} from {route}{detail}. {hint}".strip()
-        error = cls(message, status_code=status, body=_redact_body(body, self._redact), request_id=request_id)
+        error = cls(message, status_code=status, body=body, request_id=request_id)
         error._retry_after = retry_after  # type: ignore[attr-defined]
         return error
 
     def _station_error(self, route: str, body: dict[str, Any], request_id: str | None) -> MoondreamError:
         """Map Moondream Station's HTTP-200 ``{"error": ...}`` answers to typed errors."""
-        text = self._redact(_error_message(body) or "unknown error")
+        body = _redact_body(body, self._redact)
+        text = _error_message(body) or "unknown error"
         lowered = text.lower()
-        message = f"{route} failed on the server (HTTP 200 with an error): {text}"
+        message = f"{route} failed on the server (HTTP 200 with an error): {text}."
         if "queue" in lowered or "busy" in lowered or "rate" in lowered:
             return RateLimitError(
-                message + ". The server is busy; it was retried.",
-                status_code=200, body=_redact_body(body, self._redact), request_id=request_id,
+                message + " The server is busy: slow down (max_concurrency=, requests_per_second=) or retry later.",
+                status_code=200, body=body, request_id=request_id,
             )
         if "timed out" in lowered or "timeout" in lowered:
-            return APITimeoutError(message + ". The server timed out on this request.")
+            return APITimeoutError(message + " The server gave up on this request: retry, or raise the server's timeout.")
         if "not available" in lowered or "not found" in lowered or "unknown" in lowered or "not supported" in lowered:
             return NotFoundError(
-                message + ". This server does not offer that skill or model.",
-                status_code=200, body=_redact_body(body, self._redact), request_id=request_id,
+                message + " This server does not offer that skill or model: check model= and the server's skills.",
+                status_code=200, body=body, request_id=request_id,
             )
-        return APIStatusError(message, status_code=200, body=_redact_body(body, self._redact), request_id=request_id)
+        return APIStatusError(
+            message + " Retry later, or check the server's logs.", status_code=200, body=body, request_id=request_id
+        )
 
     async def _request_json(
         self,
@@ -652,6 +666,14 @@ class AsyncMoondream:
                 " Raise timeout= or check that the server is up."
             )
         reason = self._redact(str(exc) or type(exc).__name__)
+        if isinstance(exc, aiohttp.ClientSSLError):
+            error = APIConnectionError(
+                f"{route}: the TLS handshake with {self.base_url} failed ({type(exc).__name__}: {reason})."
+                " Check that base_url uses the right scheme (http:// for a local Moondream Station)"
+                " and that the server's certificate is valid. Not retried."
+            )
+            error._retryable = False  # type: ignore[attr-defined]
+            return error
         return APIConnectionError(
             f"{route}: could not talk to {self.base_url} ({type(exc).__name__}: {reason})."
             " Check base_url and that the server is running."
@@ -752,7 +774,7 @@ class AsyncMoondream:
                                 event = json.loads(data_text)
                             except ValueError:
                                 raise ResponseError(
-                                    f"{route}: malformed event in stream: {data_text[:80]!r}",
+                                    f"{route}: malformed event in stream: {self._redact(data_text)[:80]!r}",
                                     request_id=stream.request_id,
                                 ) from None
                             if not isinstance(event, dict):
@@ -1313,10 +1335,10 @@ def _decode_json(raw: bytes) -> Any:
 
 
 def _body_text(raw: bytes, content_type: str) -> str:
-    text = raw[: _ERROR_BODY_CHARS * 4].decode("utf-8", "replace")
+    """A non-JSON error body as text (cut to length only after redaction, by the caller)."""
     if "html" in content_type:
         return f"(an HTML page of {len(raw)} bytes, probably from a proxy)"
-    return text[:_ERROR_BODY_CHARS]
+    return raw[:65536].decode("utf-8", "replace")
 
 
 def _error_message(body: Any) -> str:

@@ -146,8 +146,14 @@ class ResponseError(MoondreamError):
         request_id: the server's request id when it sent one.
     """
 
+    #: Appended to every message: what a caller can do about a malformed answer.
+    ADVICE = (
+        "The server did not answer like the Moondream API: retry, and if it persists check"
+        " that base_url points to a Moondream server."
+    )
+
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(f"{message.rstrip('.')}. {self.ADVICE}")
         self.request_id = request_id
 
 
