@@ -772,7 +772,7 @@ class AsyncMoondream:
                                 return
                             try:
                                 event = json.loads(data_text)
-                            except ValueError:
+                            except (ValueError, RecursionError):
                                 raise ResponseError(
                                     f"{route}: malformed event in stream: {self._redact(data_text)[:80]!r}",
                                     request_id=stream.request_id,
@@ -1330,7 +1330,7 @@ def _decode_json(raw: bytes) -> Any:
         return _INVALID
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return _INVALID
 
 

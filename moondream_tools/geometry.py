@@ -219,7 +219,9 @@ _PATH_RE = re.compile(rf"(?:[A-DF-Za-df-z](?>{_ARGS}))*")
 _SPLIT_RE = re.compile(r"([A-DF-Za-df-z])")
 _WSP = " \t\r\n\f"
 # What a cut stream may end with: the prefix of a number (possibly empty).
-_TAIL_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d*)?(?:[eE][+-]?\d*)?\Z")
+_LAST_ARGS_RE = re.compile(r"[A-DF-Za-df-z]([^A-DF-Za-df-z]*)\Z")
+_EXPONENT_START_RE = re.compile(r"[eE][+-]?")
+_NUMBER_START_RE = re.compile(r"[+-]?\.?")
 _ARITY = {"M": 2, "L": 2, "H": 1, "V": 1, "C": 6, "S": 4, "Q": 4, "T": 2, "Z": 0}
 _ARITY.update({k.lower(): v for k, v in _ARITY.items()})
 _MAX_SEGMENTS = 1000
@@ -285,10 +287,7 @@ def _commands(d: str, partial: bool) -> list[tuple[str, list[float], int, int]]:
     if partial:
         # A stream may be cut anywhere: drop a trailing number (with nothing after it,
         # it may still grow: "0.1" of "0.125"), then trailing blanks and a dangling comma.
-        tail = _TAIL_RE.search(d)
-        if tail is not None:
-            d_eff = d[: tail.start()]
-        d_eff = d_eff.rstrip(_WSP)
+        d_eff = _drop_growing_tail(d).rstrip(_WSP)
         if d_eff.endswith(","):
             d_eff = d_eff[:-1]
     if _PATH_RE.fullmatch(d_eff, first) is not None:
@@ -330,6 +329,29 @@ def _commands(d: str, partial: bool) -> list[tuple[str, list[float], int, int]]:
             raise _fail(first, f"expected a command letter, got {_describe(d, first)}")
         raise _fail(pos, f"expected a command letter, got {_describe(d, pos)}")
     return out
+
+
+def _drop_growing_tail(d: str) -> str:
+    """``d`` without a number at its very end that more streamed characters could extend.
+
+    The last command's arguments are tokenized left to right, as the grammar reads them
+    (so ``M.5.5`` ends with the token ``.5``, not ``5.5``); a token running to the end, an
+    exponent just begun (``1e-``) or a number just begun (``-``, ``.``) is dropped.
+    """
+    match = _LAST_ARGS_RE.search(d)
+    if match is None:
+        return d
+    last = None
+    for last in _NUM_RE.finditer(d, match.start(1)):
+        pass
+    rest_start = last.end() if last is not None else match.start(1)
+    rest = d[rest_start:]
+    if last is not None and (rest == "" or _EXPONENT_START_RE.fullmatch(rest)):
+        return d[: last.start()]
+    started = rest.lstrip(_WSP + ",")
+    if _NUMBER_START_RE.fullmatch(started):
+        return d[: len(d) - len(started)]
+    return d
 
 
 def _parse(d: str, partial: bool) -> list[list[Command]]:
@@ -495,6 +517,8 @@ def _segments(dd: float, tolerance: float, factor: float) -> int:
     # (factor 0.75 = 6/8); for a quadratic |B''| = 2 |P0 - 2P1 + P2| (factor 0.25).
     if dd <= 0.0:
         return 1
+    if not math.isfinite(dd):
+        raise _out_of_range()
     n = math.ceil(math.sqrt(factor * dd / tolerance))
     return 1 if n < 1 else _MAX_SEGMENTS if n > _MAX_SEGMENTS else n
 
@@ -509,6 +533,8 @@ def _flatten(
         raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
     kx, ky = float(scale[0]), float(scale[1])
     ox, oy = float(offset[0]), float(offset[1])
+    if not all(math.isfinite(v) for v in (kx, ky, ox, oy)):
+        raise _out_of_range()
     rings: list[Ring] = []
     hypot = math.hypot
     for sub in subpaths:
@@ -560,11 +586,18 @@ def _flatten(
                 add((x2, y2))
                 px, py = x2, y2
             # "Z": closure is implied by the ring.
+        total = sum(x + y for x, y in ring)
+        if total - total != 0.0:  # a coordinate overflowed to inf (or nan) when mapped
+            raise _out_of_range()
         while len(ring) > 1 and ring[-1] == ring[0]:
             ring.pop()
         if len(ring) >= 3 and len(set(ring)) >= 3:
             rings.append(ring)
     return rings
+
+
+def _out_of_range() -> ResponseError:
+    return ResponseError("segmentation path or bbox: coordinates too large to map to pixels")
 
 
 def flatten_path(

@@ -450,14 +450,14 @@ def _open_checked(data: bytes, settings: ImageSettings) -> Image.Image:
     except UnidentifiedImageError:
         allowed = ", ".join(sorted(settings.formats))
         raise ImageError(f"not an image, or not in an allowed format ({allowed})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"cannot read image: {exc}") from None
+    except Exception as exc:  # a corrupt file can make any Pillow plugin fail in any way
+        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
     frames = 1
-    if getattr(img, "is_animated", False):
-        try:
+    try:
+        if getattr(img, "is_animated", False):
             frames = int(getattr(img, "n_frames", 1))
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise ImageError(f"cannot read image: {exc}") from None
+    except Exception as exc:
+        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
     if frames > settings.max_frames:
         raise ImageError(f"image has {frames} frames, over the limit of {settings.max_frames}")
     return img
@@ -493,6 +493,8 @@ _ORIENTATION_TAG = 0x0112
 
 
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    if img.format == "TIFF":  # Pillow turns TIFFs upright itself, when it opens them
+        return img.size
     orientation = img.getexif().get(_ORIENTATION_TAG, 1)
     width, height = img.size
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
@@ -546,8 +548,8 @@ def _decode(
             rgb = _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"cannot decode image (truncated or corrupt?): {exc}") from None
+    except Exception as exc:  # a corrupt file can make any Pillow plugin fail in any way
+        raise ImageError(f"cannot decode image (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
     if rgb.width <= 0 or rgb.height <= 0:
         raise ImageError(f"image has zero size ({rgb.width}x{rgb.height})")
     return rgb, oriented_size
@@ -595,7 +597,11 @@ def _decode_for_upload(
     owned = not isinstance(source, Image.Image)
     img = _open_checked(source, settings) if owned else source  # type: ignore[arg-type]
     _check_pixels(img, settings)
-    skill_size, segment_size = upload_sizes(*_oriented_size(img), settings)
+    try:  # reading EXIF may read (and fail on) more of a corrupt file
+        oriented_size = _oriented_size(img)
+    except Exception as exc:
+        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
+    skill_size, segment_size = upload_sizes(*oriented_size, settings)
     rgb, oriented = _decode(img, owned=owned, min_size=segment_size)
     return rgb, oriented, skill_size, segment_size
 

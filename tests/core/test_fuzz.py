@@ -18,12 +18,10 @@ Two hypothesis profiles, picked by the ``HYPOTHESIS_PROFILE`` environment variab
 The profiles are applied per test (``parent=``), so loading this module never changes
 hypothesis' global settings for other test files.
 
-Known bugs are pinned by ``xfail(strict=True)`` regression tests at the end of the file;
-the broad properties keep clear of their input domain until they are fixed, so they stay
-green and keep finding *new* bugs. Each exclusion names its regression test:
-``_bounded`` (huge finite numbers), ``_dot_join`` (partial paths like ``.5.5``), the TIFF
-orientation skip and the ``_oriented_size`` OSError filter in ``_prepare``. When a bug is
-fixed, delete its exclusion along with the xfail marker.
+Every bug these properties found is pinned by a regression test at the end of the file.
+A new one is added as ``xfail(strict=True)`` until it is fixed, with the broad property
+kept clear of its input domain meanwhile, so the suite stays green and keeps finding new
+bugs.
 """
 
 from __future__ import annotations
@@ -44,6 +42,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from PIL import Image
 
 from moondream_tools import AsyncMoondream
@@ -117,33 +116,9 @@ def outcome(call: Callable[[], Any], allowed: tuple[type[BaseException], ...]) -
     try:
         return call()
     except allowed as exc:
-        note(f"raised {type(exc).__name__}: {str(exc)[:200]}")
+        if currently_in_test_context():  # note() only works inside a @given test
+            note(f"raised {type(exc).__name__}: {str(exc)[:200]}")
         return None
-
-
-# ---------------------------------------------------------------------------
-# Known-bug domain (pinned by the xfail tests below)
-# ---------------------------------------------------------------------------
-
-_NUM_TEXT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-#: Finite numbers at least this large overflow when mapped to pixels / flattened
-#: (test_huge_path_numbers_*, test_huge_bbox_*). Infinite ones are rejected properly.
-_HUGE = 1e200
-
-
-def _bounded(text: str) -> bool:
-    """No finite number in ``text`` is huge (the overflow bugs' domain)."""
-    for match in _NUM_TEXT_RE.finditer(text):
-        value = abs(float(match.group()))
-        if _HUGE <= value < math.inf:
-            return False
-    return True
-
-
-def _dot_join(text: str) -> bool:
-    """A number ending right before a '.'-number (``.5.5``): the partial-tail bug's domain
-    (test_partial_compact_dot_numbers)."""
-    return re.search(r"\d\.\d*\.|\.\d+\.", text) is not None
 
 
 # ---------------------------------------------------------------------------
@@ -177,8 +152,6 @@ def _check_error_position(exc: ResponseError, text: str) -> None:
 @example(d="z", partial=False)
 @example(d="M0,0 A1,1 0 0 1 1,1", partial=False)
 def test_path_decoders_are_total(d: str, partial: bool) -> None:
-    if not _bounded(d) or (partial and _dot_join(d)):
-        return  # pinned by the xfail regressions below
     try:
         subpaths = parse_path(d)
     except ResponseError as exc:
@@ -190,7 +163,7 @@ def test_path_decoders_are_total(d: str, partial: bool) -> None:
             assert len(args) == {"M": 2, "L": 2, "C": 6, "Q": 4, "Z": 0}[letter]
             assert all(math.isfinite(v) for v in args)
     rings = outcome(lambda: flatten_path(d, partial=partial), (ResponseError,))
-    if subpaths is not None and not _dot_join(d):
+    if subpaths is not None:
         # A complete path also decodes as a (possibly cut) stream.
         assert outcome(lambda: flatten_path(d, partial=True), (ResponseError,)) is not None
     if subpaths is not None and not partial:
@@ -475,11 +448,11 @@ json_scalars = st.one_of(
     st.floats(),  # nan and +-inf included
     st.text(max_size=30),
 )
-json_values = st.recursive(
-    json_scalars,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
-    max_leaves=25,
-)
+def _json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+
+
+json_values = st.recursive(json_scalars, _json_containers, max_leaves=25)
 unit = st.floats(-0.5, 1.5, allow_nan=False)
 
 
@@ -566,16 +539,10 @@ def any_answer(cls: type) -> st.SearchStrategy[Any]:
     return st.one_of(json_values, VALID[cls], mutated(VALID[cls]))
 
 
-def _segmentation_is_bounded(seg: Segmentation) -> bool:
-    box = seg.bbox
-    numbers = [] if box is None else [box.x_min, box.y_min, box.x_max, box.y_max]
-    return all(abs(v) < 1e6 for v in numbers) and _bounded(seg.path) and not (seg.partial and _dot_join(seg.path))
-
-
 def exercise(result: Any) -> None:
     """Use a parsed result the way callers do; only ResponseError may come out."""
     if isinstance(result, Segmentation):
-        if result.image_size is None or not _segmentation_is_bounded(result):
+        if result.image_size is None:
             return
         rings = outcome(result.rings, (ResponseError,))
         if rings is None:
@@ -912,15 +879,6 @@ def damaged(draw: st.DrawFn, images: st.SearchStrategy[tuple[bytes, Any, str, st
     return bytes(data)
 
 
-def _raised_in(exc: BaseException, function: str) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == function and "moondream_tools" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
-
-
 def _prepare(data: bytes) -> PreparedImage | None:
     """prepare_image on its own loop: a PreparedImage, or None for an ImageError.
 
@@ -932,14 +890,7 @@ def _prepare(data: bytes) -> PreparedImage | None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            prepared = outcome(lambda: asyncio.run(go()), (ImageError,))
-        except OSError as exc:
-            if not _raised_in(exc, "_oriented_size"):
-                raise
-            # Known bug, pinned by test_truncated_png_exif_read.
-            note(f"known bug: OSError from _oriented_size: {exc}")
-            prepared = None
+        prepared = outcome(lambda: asyncio.run(go()), (ImageError,))
     for w in caught:
         note(f"warning: {w.category.__name__}: {w.message}")
     if prepared is not None:
@@ -963,8 +914,6 @@ def test_prepare_arbitrary_bytes(data: bytes) -> None:
 @given(image=encoded_images())
 def test_prepare_valid_images_keeps_their_size(image: tuple[bytes, tuple[int, int], str, str]) -> None:
     data, oriented, fmt, mode = image
-    if fmt == "TIFF" and Image.open(io.BytesIO(data)).getexif().get(0x0112) in (5, 6, 7, 8):
-        return  # known bug, pinned by test_tiff_orientation_is_applied_once
     prepared = _prepare(data)
     assert prepared is not None, (fmt, mode)
     assert (prepared.width, prepared.height) == oriented
@@ -977,34 +926,15 @@ def test_prepare_damaged_images(data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Regressions found by this file (xfail until fixed)
+# Regressions found by this file (each was a bug, now fixed)
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "flatten_path('M0,0Q1e308,0,-1e308,0') raises OverflowError (cannot convert float infinity "
-        "to integer) in geometry._segments (geometry.py:498, math.ceil(math.sqrt(inf))); a NaN "
-        "curvature gives ValueError there too. Server data: should be ResponseError. Fix: in "
-        "_flatten/_segments, check math.isfinite on mapped points and dd and raise "
-        "ResponseError('coordinates out of range')."
-    ),
-)
 @pytest.mark.parametrize("d", ["M0,0Q1e308,0,-1e308,0", "M0,0C1e308,1e308,-1e308,-1e308,1,1z"])
 def test_huge_path_numbers_in_curves(d: str) -> None:
     outcome(lambda: flatten_path(d), (ResponseError,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Segmentation(path='M0,0L1e307,0L1,1z', bbox=(0,0,1,1)) at 64x48: segment_rings maps "
-        "1e307*64 to inf (no check), then mask()/area_px -> rasterize raises OverflowError at "
-        "geometry.py:666 (math.ceil(inf)). Fix: _flatten raises ResponseError when a mapped "
-        "point is not finite (and rasterize could ignore/clip non-finite rings)."
-    ),
-)
 def test_huge_path_numbers_in_segmentation_mask() -> None:
     seg = parse_result(
         Segmentation, {"path": "M0,0L1e307,0L1,1z", "bbox": _box(0, 0, 1, 1)},
@@ -1013,16 +943,6 @@ def test_huge_path_numbers_in_segmentation_mask() -> None:
     outcome(seg.mask, (ResponseError,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Segmentation bbox {x_min: -1e308, x_max: 1e308} (finite, so pydantic accepts it): "
-        "segment_rings computes scale (x1-x0)*width = inf and offset -inf, so rings() returns NaN "
-        "coordinates silently (geometry.py segment_rings/_flatten) and mask() is empty; a path "
-        "with y_max=1e308 gives inf and mask() raises OverflowError (geometry.py:666). Fix: "
-        "reject non-finite mapped coordinates with ResponseError (or validate bbox range)."
-    ),
-)
 def test_huge_bbox_is_rejected_or_drawn() -> None:
     size = ImageSize(width=64, height=48)
     for bbox in (_box(-1e308, 0, 1e308, 1), _box(0, 0, 1e308, 1e308)):
@@ -1033,44 +953,20 @@ def test_huge_bbox_is_rejected_or_drawn() -> None:
             seg.mask()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "flatten_path('M.5.5', partial=True) raises ResponseError 'expected a number after M, got "
-        "\".\"' though parse_path('M.5.5') is valid: geometry._TAIL_RE.search (geometry.py "
-        "_commands, partial branch) finds the leftmost match, which starts mid-token ('5.5' of "
-        "'.5.5'), so d_eff becomes 'M.'. Silent variant: 'M0,0L1,1.5.5' partial reads y=1.0 "
-        "instead of 1.5. Fix: find the tail by tokenizing the last command's arguments with "
-        "_NUM_RE left to right (or anchor the tail at a token boundary)."
-    ),
-)
 def test_partial_compact_dot_numbers() -> None:
     assert flatten_path("M.5.5", partial=True) == []
     assert flatten_path("M0,0L1,0L.5.5L0,1", partial=True) == [[(0.0, 0.0), (1.0, 0.0), (0.5, 0.5)]]
     assert parse_path("M0,0L1,1.5L.5.5") and flatten_path("M0,0L1,1.5.5", partial=True) == []
-    assert segment_rings("M0,0L1,0L1,1.5.5", (0, 0, 1, 1), 10, 10, partial=True) == []
+    # The final ".5" may still grow, so it is dropped; "L1,1.5" is complete and kept.
+    assert segment_rings("M0,0L1,0L1,1.5.5", (0, 0, 1, 1), 10, 10, partial=True) == [
+        [(0.0, 0.0), (10.0, 0.0), (10.0, 15.0)]
+    ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_decode_json(b'[' * 100000) raises RecursionError (json.loads 'maximum recursion depth "
-        "exceeded while decoding a JSON array'); client.py _decode_json catches only ValueError, "
-        "so a deeply nested server answer escapes as RecursionError from every call "
-        "(_attempt_json, _sse_events' error path; the SSE event json.loads in _sse_events has the "
-        "same gap). Fix: catch (ValueError, RecursionError) in _decode_json and around the SSE "
-        "json.loads (-> ResponseError)."
-    ),
-)
 def test_decode_json_deep_nesting() -> None:
     assert _decode_json(b"[" * 100_000) is _INVALID
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HTTP 200 body '[' * 100000 to client.detect: RecursionError escapes from client.py "
-    "_decode_json (via _attempt_json) instead of ResponseError. Fix as in test_decode_json_deep_nesting.",
-)
 def test_http_deeply_nested_answer(server: _Server) -> None:
     server.fake.fail_next(1, status=200, body="[" * 100_000)
 
@@ -1090,35 +986,22 @@ def _truncated_png() -> bytes:
     return data[: data.index(b"IDAT") + 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason=(
-        "prepare_image(<1x1 PNG cut right after 'IDAT'>) raises OSError 'image file is truncated': "
-        "images._decode_for_upload calls _oriented_size(img) -> img.getexif(), which for PNG "
-        "loads the image data to look for an eXIf chunk (PngImagePlugin.getexif -> "
-        "ImageFile.load), outside the try/except of _decode. Fix: compute the oriented size "
-        "inside the guarded block (catch OSError/ValueError/SyntaxError/EOFError around "
-        "_oriented_size and upload_sizes in _decode_for_upload -> ImageError)."
-    ),
-)
-def test_truncated_png_exif_read() -> None:
+def _webp_with_corrupt_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="WEBP", exif=exif)
+    data = buffer.getvalue()
+    at = data.index(b"MM\x00*")  # the TIFF header of the EXIF chunk
+    return data[:at] + b"LM\x00*" + data[at + 4 :]
+
+
+@pytest.mark.parametrize("make", [_truncated_png, _webp_with_corrupt_exif], ids=["png", "webp"])
+def test_truncated_png_exif_read(make: Callable[[], bytes]) -> None:
     with pytest.raises(ImageError):
-        asyncio.run(prepare_image(_truncated_png(), settings=IMAGE_SETTINGS))
+        asyncio.run(prepare_image(make(), settings=IMAGE_SETTINGS))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A TIFF with EXIF orientation 6 (stored 3x2, upright 2x3): prepare_image reports "
-        "width x height = 3x2 and uploads a 3x2 JPEG (the upright image squashed). Pillow >= 11 "
-        "TiffImagePlugin already reports the oriented size (_setup swaps _size for orientations "
-        "5-8) and transposes on load, so images._oriented_size swaps a second time. Fix: in "
-        "_oriented_size return img.size for TIFF when Pillow pre-orients (e.g. hasattr(img, "
-        "'_tile_size') or img.format == 'TIFF' on Pillow >= 11); exif_transpose after load is "
-        "already a no-op there since Pillow deletes the tag."
-    ),
-)
 def test_tiff_orientation_is_applied_once() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -1128,3 +1011,33 @@ def test_tiff_orientation_is_applied_once() -> None:
     assert prepared is not None
     assert (prepared.width, prepared.height) == (2, 3)
     assert (prepared.upload_width, prepared.upload_height) == (2, 3)
+
+
+def _tiff_with_bad_second_ifd() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="TIFF")
+    data = buffer.getvalue()
+    assert data[-4:] == bytes(4)  # the "no next IFD" offset of the only IFD
+    # Point it at a second IFD holding only an Orientation tag (no width/height).
+    second = (1).to_bytes(2, "little") + bytes.fromhex("1201 0300 01000000 01000000") + bytes(4)
+    return data[:-4] + len(data).to_bytes(4, "little") + second
+
+
+def test_corrupt_tiff_second_ifd() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ImageError):
+            asyncio.run(prepare_image(_tiff_with_bad_second_ifd(), settings=IMAGE_SETTINGS))
+
+
+def test_http_deeply_nested_stream_event(server: _Server) -> None:
+    server.fake.fail_next(1, status=200, body="data: " + "[" * 100_000 + "\n\n", content_type="text/event-stream")
+
+    async def go() -> None:
+        try:
+            async for _ in server.client.stream_caption(server.image):
+                pass
+        except MoondreamError:
+            pass
+
+    server.run(go())
