@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moondream_tools.testing.engine import format_refined_number  # noqa: E402
 from moondream_tools.geometry import (  # noqa: E402
     mask_to_rle,
     parse_path,
@@ -42,18 +43,6 @@ TARGET_MS = 50.0
 RUNS = 20
 
 
-def _fmt(v: float) -> str:
-    """3 decimals, leading zero dropped, like Moondream's refined paths."""
-    s = f"{v:.3f}".rstrip("0").rstrip(".")
-    if s in ("", "-", "-0"):
-        return "0"
-    if s.startswith("0."):
-        return s[1:]
-    if s.startswith("-0."):
-        return "-" + s[2:]
-    return s
-
-
 def wobbly_path(points: int = POINTS) -> str:
     """A closed, star-ish outline normalized to [0, 1]: 3 of 4 points are C, 1 is L."""
 
@@ -63,15 +52,15 @@ def wobbly_path(points: int = POINTS) -> str:
 
     step = 2 * math.pi / points
     x0, y0 = at(0.0)
-    parts = [f"M{_fmt(x0)},{_fmt(y0)}"]
+    parts = [f"M{format_refined_number(x0)},{format_refined_number(y0)}"]
     for i in range(1, points + 1):
         x, y = at(i * step)
         if i % 4 == 0:
-            parts.append(f"L{_fmt(x)},{_fmt(y)}")
+            parts.append(f"L{format_refined_number(x)},{format_refined_number(y)}")
         else:
             c1 = at((i - 2 / 3) * step)
             c2 = at((i - 1 / 3) * step)
-            parts.append("C" + ",".join(_fmt(v) for v in (*c1, *c2, x, y)))
+            parts.append("C" + ",".join(format_refined_number(v) for v in (*c1, *c2, x, y)))
     return "".join(parts) + "z"
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from moondream_tools.testing.engine import format_refined_number
 from moondream_tools import geometry
 from moondream_tools.errors import ResponseError
 from moondream_tools.geometry import (
@@ -67,18 +68,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def fmt(v: float) -> str:
-    """Moondream's number style: 3 decimals, no trailing zeros, leading zero dropped."""
-    s = f"{v:.3f}".rstrip("0").rstrip(".")
-    if s in ("", "-0", "-"):
-        return "0"
-    if s.startswith("0."):
-        return s[1:]
-    if s.startswith("-0."):
-        return "-" + s[2:]
-    return s
-
-
 def to_moondream(mask: np.ndarray, *, alphamax: float = 1.0) -> tuple[str, tuple[float, float, float, float]]:
     """Trace ``mask`` with potracer into Moondream's compact path and normalized bbox."""
     h, w = mask.shape
@@ -88,7 +77,7 @@ def to_moondream(mask: np.ndarray, *, alphamax: float = 1.0) -> tuple[str, tuple
     bw, bh = x1 - x0, y1 - y0
 
     def pt(p: object) -> str:
-        return f"{fmt((p.x - x0) / bw)},{fmt((p.y - y0) / bh)}"  # type: ignore[attr-defined]
+        return f"{format_refined_number((p.x - x0) / bw)},{format_refined_number((p.y - y0) / bh)}"  # type: ignore[attr-defined]
 
     parts = []
     for curve in potrace.Bitmap(~mask).trace(turdsize=0, alphamax=alphamax, opticurve=True):
