@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +66,6 @@ def photo_12mp(quality: int = 92) -> bytes:
     buffer = io.BytesIO()
     big.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def timed(func: Callable[[], Any], repeat: int = 5) -> tuple[float, Any]:
-    """Median wall time of ``repeat`` runs, in seconds, and the last result."""
-    times = []
-    result = None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = func()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def table(title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:

@@ -44,19 +44,10 @@ async def open_toolkit() -> AsyncIterator[tuple[MoondreamToolkit, dict[str, str]
             toolkit.add_image(PHOTO, name="photo")
             yield toolkit, {"count": "word", "object": "waterfall"}
         return
-    from moondream_tools.testing import FakeMoondream, Scene, Shape
+    from moondream_tools.testing import FakeMoondream, Scene
 
     print("Vision: no MOONDREAM_API_KEY or MOONDREAM_BASE_URL set, using the offline emulator on a synthetic scene.")
-    scene = Scene(
-        960,
-        640,
-        [
-            Shape("circle", "red", (200, 180), 150),
-            Shape("circle", "red", (480, 470), 110),
-            Shape("square", "blue", (760, 200), 170),
-            Shape("triangle", "yellow", (200, 480), 180),
-        ],
-    )
+    scene = Scene.demo()
     async with FakeMoondream() as server:
         client = AsyncMoondream(api_key=server.api_key, base_url=server.base_url)
         async with MoondreamToolkit(client=client) as toolkit:

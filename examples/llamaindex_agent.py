@@ -105,14 +105,9 @@ async def vision_backend() -> AsyncIterator[tuple[MoondreamToolSpec, dict[str, s
                                "where the waterfall is and how much of the image it covers."}
             yield spec, ask, f"Vision: the Moondream server at {md.base_url}, on {PHOTO.name} as 'photo'."
         return
-    from moondream_tools.testing import FakeMoondream, Scene, Shape
+    from moondream_tools.testing import FakeMoondream, Scene
 
-    scene = Scene(960, 640, [
-        Shape("circle", "red", (200, 180), 150),
-        Shape("circle", "red", (480, 470), 110),
-        Shape("square", "blue", (760, 200), 170),
-        Shape("triangle", "yellow", (200, 480), 180),
-    ])
+    scene = Scene.demo()
     async with FakeMoondream() as server:
         async with AsyncMoondream(api_key=server.api_key, base_url=server.base_url) as md:
             spec = MoondreamToolSpec(md)

@@ -29,19 +29,10 @@ async def open_client() -> AsyncIterator[tuple[AsyncMoondream, object, dict[str,
             yield md, PHOTO, {"question": "Is there a waterfall in this photo?", "object": "waterfall",
                               "points": "word"}
         return
-    from moondream_tools.testing import FakeMoondream, Scene, Shape
+    from moondream_tools.testing import FakeMoondream, Scene
 
     print("No MOONDREAM_API_KEY or MOONDREAM_BASE_URL set: using the offline emulator on a synthetic scene.")
-    scene = Scene(
-        960,
-        640,
-        [
-            Shape("circle", "red", (200, 180), 150),
-            Shape("circle", "red", (480, 470), 110),
-            Shape("square", "blue", (760, 200), 170),
-            Shape("triangle", "yellow", (200, 480), 180),
-        ],
-    )
+    scene = Scene.demo()
     async with FakeMoondream() as server:
         async with AsyncMoondream(api_key=server.api_key, base_url=server.base_url) as md:
             yield md, scene.render(), {"question": "How many red circles are there?",

@@ -384,7 +384,6 @@ class AsyncMoondream:
         self.image_settings = image_settings or ImageSettings()
         self.image_cache = ImageCache(image_cache_bytes)
         self._limiter = _Limiter(max_concurrency, requests_per_second)
-        self.max_concurrency = max_concurrency
         self._user_agent = f"moondream-tools/{__version__}"
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
@@ -397,6 +396,11 @@ class AsyncMoondream:
             f"AsyncMoondream(base_url={self.base_url!r}, model={self.model!r},"
             f" api_key={'set' if self._api_key else 'not set'})"
         )
+
+    @property
+    def max_concurrency(self) -> int | None:
+        """Requests of this client in flight at once per event loop (None: no limit)."""
+        return self._limiter.max_concurrency
 
     @property
     def has_api_key(self) -> bool:

@@ -215,6 +215,25 @@ class Scene:
     def count(self, phrase: str) -> int:
         return len(self.matching(phrase))
 
+    @classmethod
+    def demo(cls) -> Scene:
+        """The 960x640 scene the examples look at: two red circles, a blue square and a
+        yellow triangle on white.
+
+        >>> sorted(t.label for t in Scene.demo().truth())
+        ['blue square', 'red circle', 'red circle', 'yellow triangle']
+        """
+        return cls(
+            960,
+            640,
+            [
+                Shape("circle", "red", (200, 180), 150),
+                Shape("circle", "red", (480, 470), 110),
+                Shape("square", "blue", (760, 200), 170),
+                Shape("triangle", "yellow", (200, 480), 180),
+            ],
+        )
+
     # -- random scenes ------------------------------------------------------
 
     @classmethod

@@ -14,19 +14,10 @@ from llama_index.core.llms import MockFunctionCallingLLM
 
 from llama_index.tools.moondream import MoondreamToolSpec
 from moondream_tools import TOOL_SPECS, AsyncMoondream, CountResult, DescribeResult, LocateResult, SegmentResult
-from moondream_tools.testing import FakeMoondream, Scene, Shape
+from moondream_tools.testing import FakeMoondream, Scene
 
 W, H = 960, 640
-SCENE = Scene(
-    W,
-    H,
-    [
-        Shape("circle", "red", (200, 180), 150),
-        Shape("circle", "red", (480, 470), 110),
-        Shape("square", "blue", (760, 200), 170),
-        Shape("triangle", "yellow", (200, 480), 180),
-    ],
-)
+SCENE = Scene.demo()
 # llama-index workflows find an agent's steps with inspect.getmembers(agent), which reads
 # pydantic's deprecated instance attributes (__fields__, model_computed_fields, ...): a
 # warning between the two frameworks, raised from the inspect module, that the suite's
