@@ -10,14 +10,11 @@ Example::
         print(caption.caption, [b for b in boxes.to_pixels()])
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("moondream-tools")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
-
-from .client import DEFAULT_BASE_URL, AsyncMoondream, Settings, SpatialRef, Stream, Timeout, run_sync
+from ._streaming import Stream
+from ._transport import Timeout, run_sync
+from ._version import __version__
+from .backend import SKILLS, CaptionLength, SamplingSettings, SpatialRef, VisionBackend
+from .client import DEFAULT_BASE_URL, AsyncMoondream
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -34,6 +31,7 @@ from .errors import (
     ResponseError,
     ToolArgumentsError,
     ImageAccessError,
+    UnsupportedSkillError,
 )
 from .images import ImageInput, ImageSettings, PreparedImage
 from .render import annotate, annotate_png
@@ -73,11 +71,14 @@ from .results import (
 
 __all__ = [
     "__version__",
-    # client
+    # backends
+    "VisionBackend",
+    "SKILLS",
+    "CaptionLength",
+    "SamplingSettings",
+    "SpatialRef",
     "AsyncMoondream",
     "DEFAULT_BASE_URL",
-    "Settings",
-    "SpatialRef",
     "Stream",
     "Timeout",
     "run_sync",
@@ -134,5 +135,6 @@ __all__ = [
     "ImageError",
     "ImageAccessError",
     "ResponseError",
+    "UnsupportedSkillError",
     "ToolArgumentsError",
 ]

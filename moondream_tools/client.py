@@ -1,9 +1,12 @@
-"""AsyncMoondream: a typed async client for the Moondream API on aiohttp.
+"""AsyncMoondream: the native backend for Moondream Cloud, Moondream Station or any server
+speaking the same API.
 
 It speaks exactly the wire format of the official ``moondream`` Python client (same
-routes, headers and JSON keys) against Moondream Cloud, Moondream Station or any server
-speaking the same API, and adds what an async application needs: one pooled session,
-timeouts, retries with backoff, typed errors and async streaming.
+routes, headers and JSON keys) and adds what an async application needs, through the
+shared transport (:mod:`moondream_tools._transport`): one pooled session, timeouts,
+retries with backoff, limits, typed errors and async streaming. It implements
+:class:`~moondream_tools.VisionBackend` with all five skills, plus streams, chat and
+``models()``.
 
 Example::
 
@@ -20,282 +23,130 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
-import json
-import logging
 import os
-import random
-import threading
-import time
+import re
 import urllib.parse
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing, asynccontextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypedDict, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import aclosing
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
-from . import __version__
+from ._concurrency import map_concurrently
+from ._streaming import EventConverter, SegmentStreamState, Stream, chat_events, text_events
+from ._transport import (
+    DEFAULT_MAX_CONCURRENCY,
+    CallOptions,
+    Limiter,
+    Redactor,
+    ServiceProfile,
+    SessionScope,
+    Timeout,
+    Transport,
+    as_timeout,
+)
+from .backend import (
+    SKILLS,
+    CaptionLength,
+    SamplingSettings,
+    SpatialRef,
+    check_length,
+    check_object,
+    check_question,
+    check_settings,
+    check_spatial_refs,
+)
 from .errors import (
-    APIConnectionError,
     APIStatusError,
     APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
     ConfigurationError,
-    InternalServerError,
     MoondreamError,
     NotFoundError,
-    PermissionDeniedError,
     RateLimitError,
     ResponseError,
 )
-from .images import ImageCache, ImageInput, ImageSettings, PreparedImage, prepare_image
+from .images import ImageCache, ImageInput, ImageSettings, PreparedImage, ReferenceKind, prepare_image, reference_kind
 from .results import (
     Answer,
-    Box,
     Caption,
     ChatResult,
     Detections,
-    ImageSize,
     ModelInfo,
     Points,
-    SegmentBBoxEvent,
     SegmentEvent,
-    SegmentFinalEvent,
     Segmentation,
-    SegmentPathDeltaEvent,
     parse_result,
 )
 
 __all__ = [
     "AsyncMoondream",
-    "run_sync",
-    "Timeout",
-    "Settings",
-    "SpatialRef",
-    "Stream",
     "DEFAULT_BASE_URL",
-    "RETRY_STATUSES",
+    "DEFAULT_CHAT_MODEL",
+    "MOONDREAM_PROFILE",
 ]
-
-logger = logging.getLogger("moondream_tools")
 
 DEFAULT_BASE_URL = "https://api.moondream.ai/v1"
 #: Hosts that are Moondream Cloud and therefore need an API key.
 _CLOUD_HOSTS = frozenset({"api.moondream.ai"})
-#: HTTP statuses retried with backoff (plus connection errors and timeouts).
-RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 DEFAULT_CHAT_MODEL = "moondream3-preview"
-DEFAULT_MAX_CONCURRENCY = 8
-_BACKOFF_BASE = 0.5
-_BACKOFF_CAP = 8.0
-_ERROR_BODY_CHARS = 500
-#: Indirection so tests can record backoff delays instead of waiting them out.
-_sleep = asyncio.sleep
-#: Set by :func:`run_sync`: calls in this context use a session of their own.
-_PRIVATE_SESSION: ContextVar[bool] = ContextVar("moondream_private_session", default=False)
-
-SpatialRef = Sequence[float]
-"""A normalized point ``[x, y]`` or box ``[x_min, y_min, x_max, y_max]``, each in [0, 1]."""
-
-CaptionLength = Literal["short", "normal", "long"]
 _AuthStyle = Literal["skill", "bearer"]
 _T = TypeVar("_T")
 _I = TypeVar("_I")
 
+# Moondream Station answers some failures with HTTP 200 and {"error": "..."}. Its known
+# phrasings, matched on word boundaries ("rate" must not match "generate" or "separate").
+_STATION_BUSY = re.compile(r"\b(queue (is )?full|busy|rate limit(ed)?|too many requests|overloaded)\b", re.I)
+_STATION_TIMEOUT = re.compile(r"\b(timed out|time ?out)\b", re.I)
+_STATION_MISSING = re.compile(
+    r"\b(not available|not found|not supported|unsupported|unknown (function|model|skill|route))\b", re.I
+)
 
-class Settings(TypedDict, total=False):
-    """Sampling settings sent as the nested ``settings`` object of a skill request."""
 
-    temperature: float
-    top_p: float
-    max_tokens: int
-    max_objects: int
+def station_error(route: str, body: dict[str, Any], request_id: str | None) -> MoondreamError:
+    """The typed error for Moondream Station's HTTP-200 ``{"error": ...}`` answer (body redacted).
 
+    Queue full / busy is a :class:`RateLimitError` (retried, pauses the client), timed out an
+    :class:`APITimeoutError`, a function or model that is not available a
+    :class:`NotFoundError`; anything else is a non-retryable :class:`APIStatusError`
+    carrying the server's text.
 
-@dataclass(frozen=True)
-class Timeout:
-    """Timeouts in seconds; ``None`` disables one.
-
-    Attributes:
-        total: the whole request, from connecting to the last byte of the answer.
-        connect: establishing the TCP (and TLS) connection.
-
-    A plain float anywhere a timeout is accepted means ``Timeout(total=that)``::
-
-        md = AsyncMoondream(timeout=Timeout(total=60, connect=5))
-        await md.detect(img, "car", timeout=10)
+    >>> type(station_error("/caption", {"error": "Failed to generate caption"}, None)).__name__
+    'APIStatusError'
+    >>> type(station_error("/detect", {"error": "Request queue is full"}, None)).__name__
+    'RateLimitError'
     """
-
-    total: float | None = 120.0
-    connect: float | None = 10.0
-
-    def _aiohttp(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self.total, sock_connect=self.connect)
-
-
-class Stream(Generic[_T]):
-    """An async iterator over a streamed answer that closes its response when done.
-
-    Iterate it with ``async for``; ``request_id`` is set as soon as the server sends it.
-    Leaving the loop early does not read the rest: call :meth:`aclose` (or use
-    ``async with``) to close the response at once.
-
-    Example::
-
-        async with md.stream_caption("photo.jpg") as stream:
-            async for piece in stream:
-                print(piece, end="")
-        print(stream.request_id)
-    """
-
-    def __init__(self, open_events: Callable[[Stream[_T]], AsyncIterator[_T]]) -> None:
-        self.request_id: str | None = None
-        self.completed = False
-        self._iterator = open_events(self)
-
-    def __aiter__(self) -> Stream[_T]:
-        return self
-
-    async def __anext__(self) -> _T:
-        return await self._iterator.__anext__()
-
-    async def aclose(self) -> None:
-        """Stop streaming and close the HTTP response."""
-        aclose = getattr(self._iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-    async def __aenter__(self) -> Stream[_T]:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-class _Limiter:
-    """Concurrency limit (per event loop) plus request pacing shared across loops.
-
-    Pacing is a token bucket of capacity one (virtual scheduling): each request takes
-    the next free slot ``1 / requests_per_second`` after the previous one. ``pause``
-    pushes every future slot back, which is how a 429 slows down the whole client.
-    """
-
-    def __init__(self, max_concurrency: int | None, requests_per_second: float | None) -> None:
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1, or None for no limit")
-        if requests_per_second is not None and not requests_per_second > 0:
-            raise ValueError("requests_per_second must be positive, or None for no pacing")
-        self.max_concurrency = max_concurrency
-        self.interval = 1.0 / requests_per_second if requests_per_second else 0.0
-        self._next_slot = 0.0
-        self._paused_until = 0.0
-        self._lock = threading.Lock()
-        self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-            weakref.WeakKeyDictionary()
+    text = MOONDREAM_PROFILE.error_message(body) or "unknown error"
+    message = f"{route} failed on the server (HTTP 200 with an error): {text}."
+    if _STATION_BUSY.search(text):
+        return RateLimitError(
+            message + " The server is busy: slow down (max_concurrency=, requests_per_second=) or retry later.",
+            status_code=200, body=body, request_id=request_id,
         )
-
-    def _semaphore(self) -> asyncio.Semaphore | None:
-        if self.max_concurrency is None:
-            return None
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            semaphore = self._semaphores.get(loop)
-            if semaphore is None:
-                semaphore = self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
-        return semaphore
-
-    def pause(self, seconds: float) -> None:
-        with self._lock:
-            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-
-    async def _wait_turn(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._paused_until, self._next_slot)
-            if self.interval:
-                self._next_slot = start + self.interval
-        if start > now:
-            await asyncio.sleep(start - now)
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        semaphore = self._semaphore()
-        if semaphore is None:
-            await self._wait_turn()
-            yield
-            return
-        async with semaphore:
-            await self._wait_turn()
-            yield
+    if _STATION_TIMEOUT.search(text):
+        return APITimeoutError(message + " The server gave up on this request: retry, or raise the server's timeout.")
+    if _STATION_MISSING.search(text):
+        return NotFoundError(
+            message + " This server does not offer that skill or model: check model= and the server's skills.",
+            status_code=200, body=body, request_id=request_id,
+        )
+    return APIStatusError(
+        message + " Retry later, or check the server's logs.", status_code=200, body=body, request_id=request_id
+    )
 
 
-@dataclass(frozen=True)
-class _CallOptions:
-    model: str | None
-    timeout: Timeout
-    max_retries: int
-
-
-def _as_timeout(value: float | Timeout | None, default: Timeout) -> Timeout:
-    if value is None:
-        return default
-    if isinstance(value, Timeout):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return Timeout(total=float(value), connect=default.connect)
-    raise ValueError(f"timeout must be a positive number of seconds or a Timeout, got {value!r}")
-
-
-def _check_length(length: str) -> None:
-    if length not in ("short", "normal", "long"):
-        raise ValueError(f"length must be 'short', 'normal' or 'long', got {length!r}")
-
-
-def _spatial_refs(refs: Sequence[SpatialRef] | None) -> list[list[float]] | None:
-    if refs is None:
-        return None
-    out: list[list[float]] = []
-    for ref in refs:
-        values = [float(v) for v in ref]
-        if len(values) not in (2, 4) or not all(0.0 <= v <= 1.0 for v in values):
-            raise ValueError(
-                "each spatial ref must be a normalized point [x, y] or box"
-                f" [x_min, y_min, x_max, y_max] with values in [0, 1], got {list(ref)!r}"
-            )
-        out.append(values)
-    return out
-
-
-def _settings(settings: Settings | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if settings is None:
-        return None
-    if not isinstance(settings, Mapping):
-        raise ValueError(f"settings must be a mapping, got {type(settings).__name__}")
-    return dict(settings)
-
-
-def _parse_retry_after(value: str | None, cap: float) -> float | None:
-    """``Retry-After`` as seconds (number or HTTP date), capped; None when absent/invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), cap)
+#: How Moondream Cloud and Station report errors.
+MOONDREAM_PROFILE = ServiceProfile(
+    name="Moondream",
+    auth_hint="Check the API key: set MOONDREAM_API_KEY or pass AsyncMoondream(api_key=...).",
+    permission_hint="The API key may not do this: check its plan and permissions in the Moondream console.",
+    not_found_hint="Check base_url and the model name.",
+    bad_request_hint="The server rejected the request: check the arguments (image, object, settings, model).",
+    tls_hint=(
+        "Check that base_url uses the right scheme (http:// for a local Moondream Station)"
+        " and that the server's certificate is valid."
+    ),
+    answer_error=station_error,
+)
 
 
 class AsyncMoondream:
@@ -317,16 +168,21 @@ class AsyncMoondream:
             Station "queue full", with exponential backoff and full jitter, honoring
             ``Retry-After``.
         max_retry_after: longest ``Retry-After`` the client will wait, in seconds.
-        image_settings: how images are read and encoded (:class:`ImageSettings`).
         max_concurrency: requests of this client in flight at once (per event loop);
             None for no limit. Further calls wait their turn.
         requests_per_second: pace requests to at most this rate (a token bucket shared by
             every call of the client), so a burst of tool calls does not collect 429s.
             None for no pacing. Either way, a 429 pauses every request of the client
             for the server's ``Retry-After``.
+        image_settings: how images are read and encoded (:class:`ImageSettings`).
         image_cache_bytes: size of the LRU cache of prepared images shared by every call
             on this client (0 disables it): calling several skills on one image decodes
             and encodes it once.
+        trust_env: honour the ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` environment
+            variables (and ``~/.netrc``), as aiohttp's ``trust_env`` does. Off by default.
+        http_session: an ``aiohttp.ClientSession`` of the application's to send every
+            request with (its connector, proxy and TLS settings). The client never closes
+            it; a call from another event loop uses a private session instead.
 
     Every skill method also takes ``model=``, ``timeout=`` and ``max_retries=`` for one call.
     Images may be given in any form of :data:`~moondream_tools.images.ImageInput`.
@@ -341,7 +197,13 @@ class AsyncMoondream:
         async with AsyncMoondream(base_url="http://localhost:2020/v1") as md:
             answer = await md.query("photo.jpg", "How many people?")
             print(answer.answer)
+
+        # behind a corporate proxy (HTTPS_PROXY=http://proxy:3128):
+        md = AsyncMoondream(trust_env=True)
     """
+
+    #: Moondream has every skill.
+    skills: frozenset[str] = SKILLS
 
     def __init__(
         self,
@@ -356,6 +218,8 @@ class AsyncMoondream:
         requests_per_second: float | None = None,
         image_settings: ImageSettings | None = None,
         image_cache_bytes: int = 64 * 1024 * 1024,
+        trust_env: bool = False,
+        http_session: aiohttp.ClientSession | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("MOONDREAM_API_KEY")
         url = base_url if base_url is not None else os.environ.get("MOONDREAM_BASE_URL")
@@ -374,20 +238,19 @@ class AsyncMoondream:
                 " For a local Moondream Station, set MOONDREAM_BASE_URL=http://localhost:2020/v1"
                 " (no key needed)."
             )
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        self.base_url = url
         self.model = model
-        self.timeout = _as_timeout(timeout, Timeout())
-        self.max_retries = max_retries
-        self.max_retry_after = max_retry_after
         self.image_settings = image_settings or ImageSettings()
         self.image_cache = ImageCache(image_cache_bytes)
-        self._limiter = _Limiter(max_concurrency, requests_per_second)
-        self._user_agent = f"moondream-tools/{__version__}"
-        self._session: aiohttp.ClientSession | None = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+        self._transport = Transport(
+            base_url=url,
+            profile=MOONDREAM_PROFILE,
+            redactor=Redactor(self._api_key),
+            timeout=as_timeout(timeout, Timeout()),
+            max_retries=max_retries,
+            max_retry_after=max_retry_after,
+            limiter=Limiter(max_concurrency, requests_per_second),
+            sessions=SessionScope(trust_env=trust_env, http_session=http_session),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -398,9 +261,29 @@ class AsyncMoondream:
         )
 
     @property
+    def base_url(self) -> str:
+        """The API root every route is appended to."""
+        return self._transport.base_url
+
+    @property
+    def timeout(self) -> Timeout:
+        """The default timeout of every call."""
+        return self._transport.timeout
+
+    @property
+    def max_retries(self) -> int:
+        """The default number of retries of every call."""
+        return self._transport.max_retries
+
+    @property
+    def max_retry_after(self) -> float:
+        """The longest ``Retry-After`` the client waits, in seconds."""
+        return self._transport.max_retry_after
+
+    @property
     def max_concurrency(self) -> int | None:
         """Requests of this client in flight at once per event loop (None: no limit)."""
-        return self._limiter.max_concurrency
+        return self._transport.limiter.max_concurrency
 
     @property
     def has_api_key(self) -> bool:
@@ -414,83 +297,62 @@ class AsyncMoondream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the pooled session and its connections. The client cannot be used after."""
-        self._closed = True
-        session, loop = self._session, self._session_loop
-        self._session = self._session_loop = None
-        if session is None or session.closed:
-            return
-        running = asyncio.get_running_loop()
-        if loop is running:
-            await session.close()
-        elif loop is not None and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(session.close(), loop)
-            await asyncio.wrap_future(future)
-        else:
-            _abandon_session(session)
+        """Close the pooled session and its connections (never a borrowed ``http_session``).
 
-    def _new_session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300))
-
-    @asynccontextmanager
-    async def _session_scope(self) -> AsyncIterator[aiohttp.ClientSession]:
-        """The pooled session, or a private one when called from a foreign event loop."""
-        if self._closed:
-            raise RuntimeError("this AsyncMoondream client is closed; create a new one")
-        if _PRIVATE_SESSION.get():
-            # A sync wrapper runs this call on a loop of its own that dies with the call.
-            async with self._new_session() as private:
-                yield private
-            return
-        loop = asyncio.get_running_loop()
-        owner = self._session_loop
-        if self._session is not None and owner is loop and not self._session.closed:
-            yield self._session
-            return
-        if self._session is None or owner is None or owner.is_closed() or self._session.closed:
-            if self._session is not None:
-                _abandon_session(self._session)
-            self._session = self._new_session()
-            self._session_loop = loop
-            yield self._session
-            return
-        # The pool belongs to another event loop that is still alive (e.g. this call
-        # comes from a sync wrapper's worker thread): use a private session for it.
-        private = self._new_session()
-        try:
-            yield private
-        finally:
-            await private.close()
+        The client cannot be used after.
+        """
+        await self._transport.aclose()
 
     # ------------------------------------------------------------------ plumbing
 
-    def _options(
-        self, model: str | None, timeout: float | Timeout | None, max_retries: int | None
-    ) -> _CallOptions:
-        retries = self.max_retries if max_retries is None else max_retries
-        if retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        return _CallOptions(
-            model=model if model is not None else self.model,
-            timeout=_as_timeout(timeout, self.timeout),
-            max_retries=retries,
-        )
+    def _options(self, model: str | None, timeout: float | Timeout | None, max_retries: int | None) -> tuple[str | None, CallOptions]:
+        return (model if model is not None else self.model), self._transport.options(timeout, max_retries)
 
-    def _headers(self, auth: _AuthStyle, *, stream: bool = False) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "User-Agent": self._user_agent}
-        if stream:
-            headers["Accept"] = "text/event-stream"
-        if self._api_key:
-            if auth == "skill":
-                headers["X-Moondream-Auth"] = self._api_key
-            else:
-                headers["Authorization"] = f"Bearer {self._api_key}"
-        return headers
+    def _auth(self, auth: _AuthStyle) -> dict[str, str]:
+        if not self._api_key:
+            return {}
+        if auth == "skill":
+            return {"X-Moondream-Auth": self._api_key}
+        return {"Authorization": f"Bearer {self._api_key}"}
 
-    def _redact(self, text: str) -> str:
-        if self._api_key and self._api_key in text:
-            text = text.replace(self._api_key, "[redacted]")
-        return text
+    @staticmethod
+    def _body(model: str | None, **fields: Any) -> dict[str, Any]:
+        body = {k: v for k, v in fields.items() if v is not None}
+        if model is not None:
+            body["model"] = model
+        return body
+
+    async def _post(self, route: str, body: dict[str, Any], options: CallOptions) -> tuple[dict[str, Any], str | None]:
+        return await self._transport.request_json("POST", route, body, headers=self._auth("skill"), options=options)
+
+    def _stream(
+        self,
+        route: str,
+        build_body: Callable[[], Awaitable[dict[str, Any]]],
+        auth: _AuthStyle,
+        options: CallOptions,
+        convert: EventConverter[_T],
+    ) -> Stream[_T]:
+        """A :class:`Stream` over a server-sent-events answer.
+
+        ``build_body`` (async) runs when iteration starts, e.g. to encode the image;
+        ``convert(stream, event)`` maps each JSON event to ``(items to yield, done)``.
+        """
+
+        async def events(stream: Stream[_T]) -> AsyncIterator[_T]:
+            body = await build_body()
+            sse = self._transport.stream(route, body, headers=self._auth(auth), options=options, stream=stream)
+            async with aclosing(sse):  # closing this stream closes the response now
+                async for event in sse:
+                    items, done = convert(stream, event)
+                    for item in items:
+                        yield item
+                    if done:
+                        stream.completed = True
+                        return
+            raise ResponseError(f"{route}: the stream ended before its final event", request_id=stream.request_id)
+
+        return Stream(events)
 
     async def prepare(self, image: ImageInput, *, settings: ImageSettings | None = None) -> PreparedImage:
         """Decode, orient and encode an image once, to send it in several calls.
@@ -505,302 +367,10 @@ class AsyncMoondream:
             people = await md.point(prepared, "person")
         """
         settings = settings or self.image_settings
-        cache = self.image_cache
-        if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://")):
-            async with self._session_scope() as session:
-                return await prepare_image(image, settings=settings, session=session, cache=cache)
-        return await prepare_image(image, settings=settings, cache=cache)
-
-    def _retry_delay(self, error: MoondreamError, attempt: int, options: _CallOptions) -> float | None:
-        """Seconds to wait before retrying after ``error``, or None to give up."""
-        if attempt >= options.max_retries or getattr(error, "_retryable", True) is False:
-            return None
-        if isinstance(error, APIStatusError):
-            retryable = error.status_code in RETRY_STATUSES or isinstance(error, RateLimitError)
-            if not retryable:
-                return None
-        elif not isinstance(error, APIConnectionError):
-            return None
-        retry_after = getattr(error, "_retry_after", None)
-        delay = (
-            retry_after
-            if retry_after is not None
-            else random.uniform(0.0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
-        )
-        if isinstance(error, RateLimitError):
-            # Back off for everyone: every request of this client waits, not just this one.
-            self._limiter.pause(delay if retry_after is not None else _BACKOFF_BASE * 2**attempt)
-        return delay
-
-    def _status_error(
-        self, route: str, status: int, body: Any, request_id: str | None, retry_after: float | None
-    ) -> APIStatusError:
-        # Redact before anything is cut short, so no fragment of the key survives a cut.
-        body = _redact_body(body, self._redact)
-        if isinstance(body, str):
-            body = body[:_ERROR_BODY_CHARS]
-        server_message = _error_message(body)
-        detail = f": {server_message}" if server_message else ""
-        cls: type[APIStatusError]
-        if status in (400, 422):
-            cls, hint = (
-                BadRequestError,
-                "The server rejected the request: check the arguments (image, object, settings, model).",
-            )
-        elif status == 401:
-            cls, hint = (
-                AuthenticationError,
-                "Check the API key: set MOONDREAM_API_KEY or pass AsyncMoondream(api_key=...).",
-            )
-        elif status == 403:
-            cls, hint = (
-                PermissionDeniedError,
-                "The API key may not do this: check its plan and permissions in the Moondream console.",
-            )
-        elif status == 404:
-            cls, hint = (
-                NotFoundError,
-                f"Check base_url ({self.base_url}) and the model name.",
-            )
-        elif status == 429:
-            cls, hint = RateLimitError, "Too many requests: slow down or retry later."
-        elif status >= 500:
-            cls, hint = InternalServerError, "The server failed; retry later."
-        else:
-            cls, hint = APIStatusError, ""
-        message = f"HTTP {status} from {route}{detail}. {hint}".strip()
-        error = cls(message, status_code=status, body=body, request_id=request_id)
-        error._retry_after = retry_after  # type: ignore[attr-defined]
-        return error
-
-    def _station_error(self, route: str, body: dict[str, Any], request_id: str | None) -> MoondreamError:
-        """Map Moondream Station's HTTP-200 ``{"error": ...}`` answers to typed errors."""
-        body = _redact_body(body, self._redact)
-        text = _error_message(body) or "unknown error"
-        lowered = text.lower()
-        message = f"{route} failed on the server (HTTP 200 with an error): {text}."
-        if "queue" in lowered or "busy" in lowered or "rate" in lowered:
-            return RateLimitError(
-                message + " The server is busy: slow down (max_concurrency=, requests_per_second=) or retry later.",
-                status_code=200, body=body, request_id=request_id,
-            )
-        if "timed out" in lowered or "timeout" in lowered:
-            return APITimeoutError(message + " The server gave up on this request: retry, or raise the server's timeout.")
-        if "not available" in lowered or "not found" in lowered or "unknown" in lowered or "not supported" in lowered:
-            return NotFoundError(
-                message + " This server does not offer that skill or model: check model= and the server's skills.",
-                status_code=200, body=body, request_id=request_id,
-            )
-        return APIStatusError(
-            message + " Retry later, or check the server's logs.", status_code=200, body=body, request_id=request_id
-        )
-
-    async def _request_json(
-        self,
-        method: str,
-        route: str,
-        body: dict[str, Any] | None,
-        auth: _AuthStyle,
-        options: _CallOptions,
-    ) -> tuple[dict[str, Any], str | None]:
-        """Send a request with retries; return the JSON object and the request id."""
-        url = self.base_url + route
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = self._headers(auth)
-        attempt = 0
-        while True:
-            try:
-                return await self._attempt_json(method, route, url, payload, headers, options)
-            except MoondreamError as error:
-                delay = self._retry_delay(error, attempt, options)
-                if delay is None:
-                    raise
-                logger.info("retrying %s %s in %.2f s after: %s", method, route, delay, error)
-                attempt += 1
-                await _sleep(delay)
-
-    async def _attempt_json(
-        self,
-        method: str,
-        route: str,
-        url: str,
-        payload: bytes | None,
-        headers: dict[str, str],
-        options: _CallOptions,
-    ) -> tuple[dict[str, Any], str | None]:
-        logger.debug("%s %s (%d bytes)", method, route, len(payload or b""))
-        try:
-            async with self._limiter.slot(), self._session_scope() as session:
-                async with session.request(
-                    method, url, data=payload, headers=headers, timeout=options.timeout._aiohttp()
-                ) as resp:
-                    raw = await resp.read()
-                    request_id = resp.headers.get("X-Request-Id")
-                    status = resp.status
-                    retry_after = _parse_retry_after(resp.headers.get("Retry-After"), self.max_retry_after)
-                    content_type = resp.content_type
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise self._connection_error(route, exc, options) from None
-        data = _decode_json(raw)
-        if isinstance(data, dict) and isinstance(data.get("request_id"), str):
-            request_id = data["request_id"]
-        if status >= 400:
-            body = data if data is not _INVALID else _body_text(raw, content_type)
-            raise self._status_error(route, status, body, request_id, retry_after)
-        if data is _INVALID:
-            raise ResponseError(
-                f"{route}: the server's answer is not valid JSON"
-                f" (HTTP {status}, {len(raw)} bytes, content type {content_type!r})",
-                request_id=request_id,
-            )
-        if not isinstance(data, dict):
-            raise ResponseError(
-                f"{route}: expected a JSON object, got {type(data).__name__}", request_id=request_id
-            )
-        if data.get("error"):
-            raise self._station_error(route, data, request_id)
-        return data, request_id
-
-    def _connection_error(self, route: str, exc: BaseException, options: _CallOptions) -> APIConnectionError:
-        if isinstance(exc, TimeoutError):
-            limit = options.timeout.total
-            return APITimeoutError(
-                f"{route}: no answer from {self.base_url} within the timeout"
-                f" ({limit} s total, {options.timeout.connect} s connect)."
-                " Raise timeout= or check that the server is up."
-            )
-        reason = self._redact(str(exc) or type(exc).__name__)
-        if isinstance(exc, aiohttp.ClientSSLError):
-            error = APIConnectionError(
-                f"{route}: the TLS handshake with {self.base_url} failed ({type(exc).__name__}: {reason})."
-                " Check that base_url uses the right scheme (http:// for a local Moondream Station)"
-                " and that the server's certificate is valid. Not retried."
-            )
-            error._retryable = False  # type: ignore[attr-defined]
-            return error
-        return APIConnectionError(
-            f"{route}: could not talk to {self.base_url} ({type(exc).__name__}: {reason})."
-            " Check base_url and that the server is running."
-        )
-
-    def _stream(
-        self,
-        route: str,
-        body: dict[str, Any],
-        auth: _AuthStyle,
-        options: _CallOptions,
-        convert: Callable[[Stream[_T], dict[str, Any]], tuple[list[_T], bool]],
-        prepare: Callable[[], Any] | None = None,
-    ) -> Stream[_T]:
-        """A :class:`Stream` over a server-sent-events answer.
-
-        ``convert(stream, event)`` maps each JSON event to ``(items to yield, done)``.
-        ``prepare`` (async) runs first, e.g. to encode the image.
-        """
-
-        async def events(stream: Stream[_T]) -> AsyncIterator[_T]:
-            if prepare is not None:
-                await prepare()
-            url = self.base_url + route
-            payload = json.dumps(body).encode()
-            headers = self._headers(auth, stream=True)
-            attempt = 0
-            started = False
-            while True:
-                try:
-                    sse = self._sse_events(route, url, payload, headers, options, stream)
-                    async with aclosing(sse):  # closing this stream closes the response now
-                        async for event in sse:
-                            started = True
-                            items, done = convert(stream, event)
-                            for item in items:
-                                yield item
-                            if done:
-                                stream.completed = True
-                                return
-                    raise ResponseError(
-                        f"{route}: the stream ended before its final event", request_id=stream.request_id
-                    )
-                except MoondreamError as error:
-                    delay = None if started else self._retry_delay(error, attempt, options)
-                    if delay is None:
-                        raise
-                    logger.info("retrying POST %s (stream) in %.2f s after: %s", route, delay, error)
-                    attempt += 1
-                    await _sleep(delay)
-
-        return Stream(events)
-
-    async def _sse_events(
-        self,
-        route: str,
-        url: str,
-        payload: bytes,
-        headers: dict[str, str],
-        options: _CallOptions,
-        stream: Stream[Any],
-    ) -> AsyncIterator[dict[str, Any]]:
-        logger.debug("POST %s (stream, %d bytes)", route, len(payload))
-        try:
-            async with self._limiter.slot(), self._session_scope() as session:
-                async with session.post(
-                    url, data=payload, headers=headers, timeout=options.timeout._aiohttp()
-                ) as resp:
-                    stream.request_id = resp.headers.get("X-Request-Id") or stream.request_id
-                    if resp.status >= 400 or resp.content_type != "text/event-stream":
-                        raw = await resp.read()
-                        data = _decode_json(raw)
-                        rid = data.get("request_id") if isinstance(data, dict) else None
-                        rid = rid if isinstance(rid, str) else stream.request_id
-                        if resp.status >= 400:
-                            body = data if data is not _INVALID else _body_text(raw, resp.content_type)
-                            retry_after = _parse_retry_after(
-                                resp.headers.get("Retry-After"), self.max_retry_after
-                            )
-                            raise self._status_error(route, resp.status, body, rid, retry_after)
-                        if isinstance(data, dict) and data.get("error"):
-                            raise self._station_error(route, data, rid)
-                        raise ResponseError(
-                            f"{route}: expected a server-sent-events stream, got"
-                            f" {resp.content_type!r}",
-                            request_id=rid,
-                        )
-                    try:
-                        async for line in resp.content:
-                            text = line.decode("utf-8", "replace").strip()
-                            if not text.startswith("data:"):
-                                continue
-                            data_text = text[5:].strip()
-                            if data_text == "[DONE]":
-                                yield {"__done__": True}
-                                return
-                            try:
-                                event = json.loads(data_text)
-                            except (ValueError, RecursionError):
-                                raise ResponseError(
-                                    f"{route}: malformed event in stream: {self._redact(data_text)[:80]!r}",
-                                    request_id=stream.request_id,
-                                ) from None
-                            if not isinstance(event, dict):
-                                raise ResponseError(
-                                    f"{route}: stream event is not a JSON object",
-                                    request_id=stream.request_id,
-                                )
-                            if isinstance(event.get("request_id"), str):
-                                stream.request_id = event["request_id"]
-                            if event.get("error"):
-                                raise self._station_error(route, event, stream.request_id)
-                            yield event
-                    finally:
-                        resp.close()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise self._connection_error(route, exc, options) from None
-
-    def _body(self, options: _CallOptions, **fields: Any) -> dict[str, Any]:
-        body = {k: v for k, v in fields.items() if v is not None}
-        if options.model is not None:
-            body["model"] = options.model
-        return body
+        if isinstance(image, str) and reference_kind(image) is ReferenceKind.URL:
+            async with self._transport.sessions.session() as session:
+                return await prepare_image(image, settings=settings, session=session, cache=self.image_cache)
+        return await prepare_image(image, settings=settings, cache=self.image_cache)
 
     async def map(
         self,
@@ -826,25 +396,7 @@ class AsyncMoondream:
                 else:
                     print(path, len(result.objects))
         """
-        todo = list(items)
-        limit = concurrency or self.max_concurrency or max(1, len(todo))
-        if limit < 1:
-            raise ValueError("concurrency must be at least 1")
-        gate = asyncio.Semaphore(limit)
-
-        async def one(item: _I) -> _T | MoondreamError:
-            async with gate:
-                try:
-                    return await func(item)
-                except MoondreamError as error:
-                    return error
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(item)) for item in todo]
-        except BaseExceptionGroup as group_error:
-            raise group_error.exceptions[0] from None
-        return [task.result() for task in tasks]
+        return await map_concurrently(func, items, concurrency=concurrency or self.max_concurrency)
 
     # ------------------------------------------------------------------ skills
 
@@ -852,8 +404,8 @@ class AsyncMoondream:
         self,
         image: ImageInput,
         length: CaptionLength = "normal",
-        settings: Settings | None = None,
         *,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -870,23 +422,23 @@ class AsyncMoondream:
             result = await md.caption("photo.jpg", length="short")
             print(result.caption)
         """
-        _check_length(length)
-        options = self._options(model, timeout, max_retries)
+        check_length(length)
+        model, options = self._options(model, timeout, max_retries)
         prepared = await self.prepare(image)
         body = self._body(
-            options, image_url=prepared.data_url, length=length, stream=False, settings=_settings(settings)
+            model, image_url=prepared.data_url, length=length, stream=False, settings=check_settings(settings)
         )
-        data, rid = await self._request_json("POST", "/caption", body, "skill", options)
+        data, rid = await self._post("/caption", body, options)
         return parse_result(Caption, data, what="/caption", request_id=rid, image_size=prepared.size)
 
     async def query(
         self,
         image: ImageInput | None,
         question: str,
+        *,
         reasoning: bool = False,
         spatial_refs: Sequence[SpatialRef] | None = None,
-        settings: Settings | None = None,
-        *,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -906,30 +458,43 @@ class AsyncMoondream:
             result = await md.query("photo.jpg", "What color is the car?")
             print(result.answer)
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
-        options = self._options(model, timeout, max_retries)
+        check_question(question)
+        model, options = self._options(model, timeout, max_retries)
+        refs = check_spatial_refs(spatial_refs)
         prepared = await self.prepare(image) if image is not None else None
-        body = self._body(
-            options,
-            question=question,
-            stream=False,
-            image_url=prepared.data_url if prepared else None,
-            settings=_settings(settings),
-            reasoning=True if reasoning else None,
-            spatial_refs=_spatial_refs(spatial_refs),
-        )
-        data, rid = await self._request_json("POST", "/query", body, "skill", options)
+        body = self._query_body(model, prepared, question, reasoning, refs, settings, stream=False)
+        data, rid = await self._post("/query", body, options)
         return parse_result(
             Answer, data, what="/query", request_id=rid, image_size=prepared.size if prepared else None
+        )
+
+    def _query_body(
+        self,
+        model: str | None,
+        prepared: PreparedImage | None,
+        question: str,
+        reasoning: bool,
+        refs: list[list[float]] | None,
+        settings: SamplingSettings | None,
+        *,
+        stream: bool,
+    ) -> dict[str, Any]:
+        return self._body(
+            model,
+            question=question,
+            stream=stream,
+            image_url=prepared.data_url if prepared else None,
+            settings=check_settings(settings),
+            reasoning=True if reasoning else None,
+            spatial_refs=refs,
         )
 
     async def detect(
         self,
         image: ImageInput,
         object: str,
-        settings: Settings | None = None,
         *,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -941,17 +506,15 @@ class AsyncMoondream:
             result = await md.detect("street.jpg", "car", settings={"max_objects": 100})
             print(len(result.objects), result.to_pixels()[:1])
         """
-        return await self._grounding(
-            "/detect", Detections, image, object, None, settings, model, timeout, max_retries
-        )
+        return await self._grounding("/detect", Detections, image, object, None, settings, model, timeout, max_retries)
 
     async def point(
         self,
         image: ImageInput,
         object: str,
-        spatial_refs: Sequence[SpatialRef] | None = None,
-        settings: Settings | None = None,
         *,
+        spatial_refs: Sequence[SpatialRef] | None = None,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -971,9 +534,9 @@ class AsyncMoondream:
         self,
         image: ImageInput,
         object: str,
-        spatial_refs: Sequence[SpatialRef] | None = None,
-        settings: Settings | None = None,
         *,
+        spatial_refs: Sequence[SpatialRef] | None = None,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -987,8 +550,8 @@ class AsyncMoondream:
                 print(result.bbox, result.path[:40])
         """
         return await self._grounding(
-            "/segment", Segmentation, image, object, spatial_refs, settings, model, timeout,
-            max_retries, stream=False,
+            "/segment", Segmentation, image, object, spatial_refs, settings, model, timeout, max_retries,
+            stream=False,
         )
 
     async def _grounding(
@@ -998,24 +561,25 @@ class AsyncMoondream:
         image: ImageInput,
         object: str,
         spatial_refs: Sequence[SpatialRef] | None,
-        settings: Settings | None,
+        settings: SamplingSettings | None,
         model: str | None,
         timeout: float | Timeout | None,
         max_retries: int | None,
         **extra_fields: Any,
     ) -> _T:
-        _check_object(object)
-        options = self._options(model, timeout, max_retries)
+        check_object(object)
+        model, options = self._options(model, timeout, max_retries)
+        refs = check_spatial_refs(spatial_refs)
         prepared = await self.prepare(image)
         body = self._body(
-            options,
+            model,
             image_url=await prepared.segment_payload() if route == "/segment" else prepared.data_url,
             object=object,
             **extra_fields,
-            spatial_refs=_spatial_refs(spatial_refs),
-            settings=_settings(settings),
+            spatial_refs=refs,
+            settings=check_settings(settings),
         )
-        data, rid = await self._request_json("POST", route, body, "skill", options)
+        data, rid = await self._post(route, body, options)
         return parse_result(  # type: ignore[type-var]
             cls, data, what=route, request_id=rid, image_size=prepared.size, object=object
         )
@@ -1026,8 +590,8 @@ class AsyncMoondream:
         self,
         image: ImageInput,
         length: CaptionLength = "normal",
-        settings: Settings | None = None,
         *,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -1039,27 +603,25 @@ class AsyncMoondream:
             async for piece in md.stream_caption("photo.jpg"):
                 print(piece, end="", flush=True)
         """
-        _check_length(length)
-        options = self._options(model, timeout, max_retries)
-        body: dict[str, Any] = {}
+        check_length(length)
+        model, options = self._options(model, timeout, max_retries)
 
-        async def prepare() -> None:
+        async def body() -> dict[str, Any]:
             prepared = await self.prepare(image)
-            body.update(
-                self._body(options, image_url=prepared.data_url, length=length, stream=True,
-                           settings=_settings(settings))
+            return self._body(
+                model, image_url=prepared.data_url, length=length, stream=True, settings=check_settings(settings)
             )
 
-        return self._stream("/caption", body, "skill", options, _text_events, prepare)
+        return self._stream("/caption", body, "skill", options, text_events)
 
     def stream_query(
         self,
         image: ImageInput | None,
         question: str,
+        *,
         reasoning: bool = False,
         spatial_refs: Sequence[SpatialRef] | None = None,
-        settings: Settings | None = None,
-        *,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -1071,35 +633,23 @@ class AsyncMoondream:
             async for piece in md.stream_query("photo.jpg", "What is happening?"):
                 print(piece, end="", flush=True)
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
-        options = self._options(model, timeout, max_retries)
-        refs = _spatial_refs(spatial_refs)
-        body: dict[str, Any] = {}
+        check_question(question)
+        model, options = self._options(model, timeout, max_retries)
+        refs = check_spatial_refs(spatial_refs)
 
-        async def prepare() -> None:
+        async def body() -> dict[str, Any]:
             prepared = await self.prepare(image) if image is not None else None
-            body.update(
-                self._body(
-                    options,
-                    question=question,
-                    stream=True,
-                    image_url=prepared.data_url if prepared else None,
-                    settings=_settings(settings),
-                    reasoning=True if reasoning else None,
-                    spatial_refs=refs,
-                )
-            )
+            return self._query_body(model, prepared, question, reasoning, refs, settings, stream=True)
 
-        return self._stream("/query", body, "skill", options, _text_events, prepare)
+        return self._stream("/query", body, "skill", options, text_events)
 
     def stream_segment(
         self,
         image: ImageInput,
         object: str,
-        spatial_refs: Sequence[SpatialRef] | None = None,
-        settings: Settings | None = None,
         *,
+        spatial_refs: Sequence[SpatialRef] | None = None,
+        settings: SamplingSettings | None = None,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -1113,62 +663,31 @@ class AsyncMoondream:
                 if event.type == "final":
                     mask = event.segmentation
         """
-        _check_object(object)
-        options = self._options(model, timeout, max_retries)
-        refs = _spatial_refs(spatial_refs)
-        body: dict[str, Any] = {}
-        size: list[ImageSize] = []
-        coarse: list[str] = []  # the coarse path so far
-        first_bbox: list[Box] = []
+        check_object(object)
+        model, options = self._options(model, timeout, max_retries)
+        refs = check_spatial_refs(spatial_refs)
+        state = SegmentStreamState(object)
 
-        async def prepare() -> None:
+        async def body() -> dict[str, Any]:
             prepared = await self.prepare(image)
-            size.append(prepared.size)
-            body.update(
-                self._body(options, image_url=await prepared.segment_payload(), object=object, stream=True,
-                           spatial_refs=refs, settings=_settings(settings))
+            state.image_size = prepared.size
+            return self._body(
+                model, image_url=await prepared.segment_payload(), object=object, stream=True,
+                spatial_refs=refs, settings=check_settings(settings),
             )
 
-        def convert(stream: Stream[SegmentEvent], event: dict[str, Any]) -> tuple[list[SegmentEvent], bool]:
-            kind = event.get("type")
-            rid = stream.request_id
-            if kind == "bbox":
-                bbox = parse_result(SegmentBBoxEvent, event, what="/segment stream", request_id=rid,
-                                    image_size=size[0])
-                first_bbox[:] = first_bbox or [bbox.bbox]
-                return [bbox], False
-            if kind == "path_delta":
-                chunk = event.get("chunk")
-                if not isinstance(chunk, str):
-                    raise ResponseError("/segment stream: path_delta without a text chunk", request_id=rid)
-                if not chunk:
-                    return [], False
-                coarse.append(chunk)
-                partial = Segmentation(
-                    path="".join(coarse), bbox=first_bbox[0] if first_bbox else None, object=object,
-                    partial=True, image_size=size[0], request_id=rid,
-                )
-                return [SegmentPathDeltaEvent(chunk=chunk, segmentation=partial)], False
-            if kind == "final":
-                seg = parse_result(Segmentation, event, what="/segment stream", request_id=rid,
-                                   image_size=size[0], object=object)
-                return [SegmentFinalEvent(segmentation=seg)], True
-            if event.get("__done__"):
-                raise ResponseError("/segment stream: ended without a final event", request_id=rid)
-            return [], False
-
-        return self._stream("/segment", body, "skill", options, convert, prepare)
+        return self._stream("/segment", body, "skill", options, state.convert)
 
     # ------------------------------------------------------------------ chat & models
 
     async def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
+        *,
         reasoning: bool | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         max_tokens: int | None = None,
-        *,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -1189,19 +708,21 @@ class AsyncMoondream:
             ])
             print(result.content)
         """
-        options = self._options(model, timeout, max_retries)
-        body = await self._chat_body(messages, reasoning, temperature, top_p, max_tokens, options, False)
-        data, rid = await self._request_json("POST", "/chat/completions", body, "bearer", options)
-        return _parse_chat(data, rid)
+        model, options = self._options(model, timeout, max_retries)
+        body = await self._chat_body(messages, reasoning, temperature, top_p, max_tokens, model, False)
+        data, rid = await self._transport.request_json(
+            "POST", "/chat/completions", body, headers=self._auth("bearer"), options=options
+        )
+        return parse_chat(data, rid)
 
     def stream_chat(
         self,
         messages: Sequence[Mapping[str, Any]],
+        *,
         reasoning: bool | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         max_tokens: int | None = None,
-        *,
         model: str | None = None,
         timeout: float | Timeout | None = None,
         max_retries: int | None = None,
@@ -1213,15 +734,12 @@ class AsyncMoondream:
             async for piece in md.stream_chat([{"role": "user", "content": "Hi"}]):
                 print(piece, end="")
         """
-        options = self._options(model, timeout, max_retries)
-        body: dict[str, Any] = {}
+        model, options = self._options(model, timeout, max_retries)
 
-        async def prepare() -> None:
-            body.update(
-                await self._chat_body(messages, reasoning, temperature, top_p, max_tokens, options, True)
-            )
+        async def body() -> dict[str, Any]:
+            return await self._chat_body(messages, reasoning, temperature, top_p, max_tokens, model, True)
 
-        return self._stream("/chat/completions", body, "bearer", options, _chat_events, prepare)
+        return self._stream("/chat/completions", body, "bearer", options, chat_events)
 
     async def _chat_body(
         self,
@@ -1230,14 +748,14 @@ class AsyncMoondream:
         temperature: float | None,
         top_p: float | None,
         max_tokens: int | None,
-        options: _CallOptions,
+        model: str | None,
         stream: bool,
     ) -> dict[str, Any]:
         if isinstance(messages, (str, bytes)) or not messages:
             raise ValueError("messages must be a non-empty list of chat messages")
         prepared_messages = [await self._chat_message(m) for m in messages]
         body: dict[str, Any] = {
-            "model": options.model or DEFAULT_CHAT_MODEL,
+            "model": model or DEFAULT_CHAT_MODEL,
             "messages": prepared_messages,
             "stream": stream,
         }
@@ -1277,8 +795,8 @@ class AsyncMoondream:
             for info in await md.models():
                 print(info.id)
         """
-        options = self._options(None, timeout, max_retries)
-        data, rid = await self._request_json("GET", "/models", None, "bearer", options)
+        options = self._transport.options(timeout, max_retries)
+        data, rid = await self._transport.request_json("GET", "/models", headers=self._auth("bearer"), options=options)
         items = data.get("data", data.get("models"))
         if not isinstance(items, list):
             raise ResponseError("/models: expected a 'data' list of models", request_id=rid)
@@ -1289,111 +807,8 @@ class AsyncMoondream:
         return result
 
 
-def run_sync(call: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run an async client call from synchronous code and return its result.
-
-    With no event loop running in this thread, the call runs here on a fresh loop;
-    inside a running loop (a notebook, an async framework calling a sync tool), it runs
-    on a fresh loop in a worker thread, so the running loop is never blocked re-entrantly.
-    Either way the call uses an HTTP session of its own, closed before this returns, so a
-    client shared with async code is never tied to a loop that is about to end.
-
-    Example::
-
-        md = AsyncMoondream()
-        caption = run_sync(lambda: md.caption("photo.jpg"))
-    """
-
-    def run() -> _T:
-        token = _PRIVATE_SESSION.set(True)
-        try:
-            return asyncio.run(call())
-        finally:
-            _PRIVATE_SESSION.reset(token)
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return run()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moondream-sync") as pool:
-        return pool.submit(run).result()
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-class _Invalid:
-    pass
-
-
-_INVALID: Any = _Invalid()
-
-
-def _decode_json(raw: bytes) -> Any:
-    if not raw:
-        return _INVALID
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        return _INVALID
-
-
-def _body_text(raw: bytes, content_type: str) -> str:
-    """A non-JSON error body as text (cut to length only after redaction, by the caller)."""
-    if "html" in content_type:
-        return f"(an HTML page of {len(raw)} bytes, probably from a proxy)"
-    return raw[:65536].decode("utf-8", "replace")
-
-
-def _error_message(body: Any) -> str:
-    if isinstance(body, dict):
-        for key in ("error", "detail", "message"):
-            value = body.get(key)
-            if isinstance(value, dict):
-                value = value.get("message") or json.dumps(value)[:_ERROR_BODY_CHARS]
-            if value:
-                return str(value)[:_ERROR_BODY_CHARS]
-        return ""
-    if isinstance(body, str):
-        return body.strip()[:_ERROR_BODY_CHARS]
-    return ""
-
-
-def _redact_body(body: Any, redact: Callable[[str], str]) -> Any:
-    if isinstance(body, str):
-        return redact(body)
-    if isinstance(body, dict):
-        return json.loads(redact(json.dumps(body)))
-    return body
-
-
-def _check_object(obj: str) -> None:
-    if not isinstance(obj, str) or not obj.strip():
-        raise ValueError("object must be a non-empty string, e.g. 'car' or 'red circle'")
-
-
-def _text_events(stream: Stream[str], event: dict[str, Any]) -> tuple[list[str], bool]:
-    """Caption/query events: ``{"chunk": ...}`` (or ``"text"``) then ``{"completed": true}``."""
-    piece = event.get("chunk", event.get("text"))
-    items = [piece] if isinstance(piece, str) and piece else []
-    return items, bool(event.get("__done__") or event.get("completed"))
-
-
-def _chat_events(stream: Stream[str], event: dict[str, Any]) -> tuple[list[str], bool]:
-    """OpenAI chat chunks: ``choices[0].delta.content`` pieces, then ``[DONE]``."""
-    if event.get("__done__"):
-        return [], True
-    if isinstance(event.get("id"), str) and stream.request_id is None:
-        stream.request_id = event["id"]
-    choices = event.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return [], False
-    delta = choices[0].get("delta")
-    content = delta.get("content") if isinstance(delta, dict) else None
-    return ([content] if isinstance(content, str) and content else []), False
-
-
-def _parse_chat(data: dict[str, Any], request_id: str | None) -> ChatResult:
+def parse_chat(data: dict[str, Any], request_id: str | None) -> ChatResult:
+    """A ``/chat/completions`` answer as a :class:`ChatResult`."""
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ResponseError("/chat/completions: the answer has no choices", request_id=request_id)
@@ -1412,32 +827,3 @@ def _parse_chat(data: dict[str, Any], request_id: str | None) -> ChatResult:
         what="/chat/completions",
         request_id=request_id or (data.get("id") if isinstance(data.get("id"), str) else None),
     )
-
-
-def _abandon_session(session: aiohttp.ClientSession) -> None:
-    """Drop a session whose event loop is gone, closing its sockets without that loop.
-
-    A session's connections belong to the loop that opened them; once that loop is
-    closed they cannot be closed the normal way. Close the sockets directly so nothing
-    leaks (and no ResourceWarning fires when they are garbage-collected).
-    """
-    connector = session.connector
-    session.detach()
-    if connector is None:
-        return
-    protocols: list[Any] = []
-    for entries in getattr(connector, "_conns", {}).values():
-        protocols.extend(proto for proto, _ in entries)
-    protocols.extend(getattr(connector, "_acquired", ()))
-    for proto in protocols:
-        transport = getattr(proto, "transport", None)
-        sock = getattr(transport, "_sock", None)
-        if sock is not None:
-            try:
-                sock.close()
-            finally:
-                transport._sock = None
-    try:
-        connector._close()
-    except RuntimeError:  # pragma: no cover - loop already gone
-        pass

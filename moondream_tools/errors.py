@@ -20,6 +20,7 @@ real bugs propagate. No message, repr or attribute ever contains the API key.
     ├── ImageError                an input image cannot be used (missing, broken, too large, ...)
     │   └── ImageAccessError      an image reference the ImagePolicy does not allow, or an unknown handle
     ├── ResponseError             the server's answer is malformed or unexpected
+    ├── UnsupportedSkillError     the backend has no such skill (e.g. captioning on a SAM 3 backend)
     └── ToolArgumentsError        a model wrote invalid arguments for a vision tool
 
 Example::
@@ -36,6 +37,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "ImageError",
     "ImageAccessError",
     "ResponseError",
+    "UnsupportedSkillError",
     "ToolArgumentsError",
 ]
 
@@ -73,7 +77,16 @@ class ConfigurationError(MoondreamError):
 
 
 class APIConnectionError(MoondreamError):
-    """The request did not get an HTTP answer: refused, reset, DNS or TLS failure."""
+    """The request did not get an HTTP answer: refused, reset, DNS or TLS failure.
+
+    Attributes:
+        retryable: whether retrying can help. False for a failed TLS handshake (a wrong
+            scheme or a bad certificate does not fix itself); True otherwise.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class APITimeoutError(APIConnectionError):
@@ -85,8 +98,20 @@ class APIStatusError(MoondreamError):
 
     Attributes:
         status_code: the HTTP status (200 for a Moondream Station ``{"error": ...}`` answer).
-        body: the parsed JSON body, or the text of a non-JSON body (truncated), or None.
+        body: the parsed JSON body, or the text of a non-JSON body (truncated), or None;
+            any API key in it is replaced by ``[redacted]``.
         request_id: the server's request id when it sent one.
+        headers: the response headers (keys redacted from their values); empty for an
+            error the server reported inside a successful answer.
+        retry_after: the server's ``Retry-After`` in seconds (a number or an HTTP date,
+            capped by the client's ``max_retry_after``), or None when it sent none.
+
+    Example::
+
+        try:
+            await md.detect("photo.jpg", "car")
+        except RateLimitError as exc:
+            print(exc.status_code, exc.retry_after, exc.headers.get("X-Request-Id"))
     """
 
     def __init__(
@@ -96,11 +121,15 @@ class APIStatusError(MoondreamError):
         status_code: int,
         body: Any = None,
         request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.body = body
         self.request_id = request_id
+        self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
+        self.retry_after = retry_after
 
 
 class BadRequestError(APIStatusError):
@@ -155,6 +184,32 @@ class ResponseError(MoondreamError):
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
         super().__init__(f"{message.rstrip('.')}. {self.ADVICE}")
         self.request_id = request_id
+
+
+class UnsupportedSkillError(MoondreamError):
+    """The backend has no such skill, e.g. captioning on a segmentation-only backend.
+
+    Attributes:
+        skill: the skill asked for (``"caption"``, ``"query"``, ``"detect"``, ``"point"``
+            or ``"segment"``).
+        backend: the name of the backend that lacks it.
+        supported: the skills that backend has.
+
+    Example::
+
+        try:
+            await backend.caption("photo.jpg")
+        except UnsupportedSkillError as exc:
+            print(exc.skill, exc.backend, sorted(exc.supported))
+    """
+
+    def __init__(self, skill: str, backend: str, supported: Iterable[str], *, hint: str = "") -> None:
+        self.skill = skill
+        self.backend = backend
+        self.supported = frozenset(supported)
+        have = ", ".join(sorted(self.supported)) or "none"
+        advice = hint or "Use a backend that has it (e.g. VisionTools(..., segment_backend=...) for segment)."
+        super().__init__(f"{backend} has no {skill!r} skill (it has: {have}). {advice}")
 
 
 class ToolArgumentsError(MoondreamError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import enum
 import hashlib
 import io
 import math
@@ -41,6 +42,7 @@ import urllib.request
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Hashable
+import dataclasses
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Union
 
@@ -57,8 +59,13 @@ __all__ = [
     "ImageInput",
     "ImageSettings",
     "PreparedImage",
+    "ReferenceKind",
+    "reference_kind",
     "prepare_image",
     "decode_image",
+    "read_image_file",
+    "read_response_capped",
+    "sniff_image",
     "model_working_size",
     "upload_sizes",
     "ImageCache",
@@ -106,6 +113,31 @@ def sniff_image(data: bytes) -> str | None:
         if data.startswith(signature):
             return name
     return None
+
+
+class ReferenceKind(enum.Enum):
+    """What a string image reference is (see :func:`reference_kind`)."""
+
+    DATA_URL = "data URL"
+    URL = "http(s) URL"
+    FILE_URL = "file URL"
+    PATH = "path"
+
+
+def reference_kind(reference: str) -> ReferenceKind:
+    """Classify a string image reference: the one place that reads its scheme.
+
+    >>> [reference_kind(r).name for r in ("HTTPS://x/a.jpg", "data:image/png;base64,AA", "file:///a.png", "a.png")]
+    ['URL', 'DATA_URL', 'FILE_URL', 'PATH']
+    """
+    head = reference[:8].lower()
+    if head.startswith("data:"):
+        return ReferenceKind.DATA_URL
+    if head.startswith(("http://", "https://")):
+        return ReferenceKind.URL
+    if head.startswith("file:"):
+        return ReferenceKind.FILE_URL
+    return ReferenceKind.PATH
 #: Worker threads for resizing and encoding (Pillow releases the GIL while it works).
 _ENCODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moondream-encode")
 #: Moondream's vision encoder: 378 px crops, 14 px patches, 4-patch overlap margins.
@@ -250,6 +282,34 @@ class ImageSettings:
         if self.download_timeout <= 0:
             raise ValueError("download_timeout must be positive")
 
+    @property
+    def encoding(self) -> tuple[int, int | None, int | None]:
+        """What decides the uploaded payloads (quality, crops, segment side), not the limits.
+
+        Two settings with the same ``encoding`` produce the same upload from the same image,
+        so they share a cache entry; the limits are checked on every use.
+        """
+        return (self.jpeg_quality, self.skill_max_crops, self.segment_max_side)
+
+    def within(self, limits: ImageSettings) -> ImageSettings:
+        """These settings with the tighter of each limit of ``limits`` (pixels, bytes, frames,
+        download time; formats allowed by both). The encoding stays these settings'.
+
+        >>> ImageSettings(max_pixels=10).within(ImageSettings(max_pixels=20, jpeg_quality=50)).max_pixels
+        10
+        """
+        formats = self.formats & limits.formats
+        if not formats:
+            raise ValueError("the two settings allow no image format in common")
+        return dataclasses.replace(
+            self,
+            max_pixels=min(self.max_pixels, limits.max_pixels),
+            max_bytes=min(self.max_bytes, limits.max_bytes),
+            max_frames=min(self.max_frames, limits.max_frames),
+            download_timeout=min(self.download_timeout, limits.download_timeout),
+            formats=formats,
+        )
+
 
 @dataclass(frozen=True)
 class PreparedImage:
@@ -283,6 +343,10 @@ class PreparedImage:
     segment_upload_width: int = 0
     segment_upload_height: int = 0
     _segment: str | Future[str] = field(default="", repr=False, compare=False)
+    #: The encoded source's size in bytes and Pillow format (None for a PIL image or array),
+    #: so a cached image is held to the limits of whoever asks for it next.
+    _source_bytes: int | None = field(default=None, repr=False, compare=False)
+    _source_format: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self._segment:
@@ -324,7 +388,7 @@ class PreparedImage:
 def _describe(ref: object) -> str:
     """A short, safe description of an image reference for error messages."""
     if isinstance(ref, str):
-        if ref.startswith("data:"):
+        if reference_kind(ref) is ReferenceKind.DATA_URL:
             return f"data URL ({len(ref)} characters)"
         return repr(ref if len(ref) <= 200 else ref[:200] + "...")
     if isinstance(ref, os.PathLike):
@@ -337,7 +401,9 @@ def _describe(ref: object) -> str:
 # ---------------------------------------------------------------- reading sources
 
 
-def _read_file(path: str, settings: ImageSettings) -> bytes:
+def read_image_file(path: str, settings: ImageSettings) -> bytes:
+    """The bytes of an image file, refused before reading when it is not a regular file or
+    is over ``settings.max_bytes`` (blocking; run it in a thread)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -384,30 +450,34 @@ def _file_url_to_path(url: str) -> str:
     return urllib.request.url2pathname(parsed.path)
 
 
+async def read_response_capped(resp: aiohttp.ClientResponse, max_bytes: int, url: str) -> bytes:
+    """The body of an image download, refused as soon as it is over ``max_bytes``.
+
+    The declared ``Content-Length`` is checked first, then the bytes as they stream in, so
+    a huge or endless answer never fills memory.
+    """
+    if resp.status != 200:
+        raise ImageError(f"downloading image {url!r} failed: HTTP {resp.status}")
+    declared = resp.content_length
+    if declared is not None and declared > max_bytes:
+        raise ImageError(f"image at {url!r} is {declared} bytes, over the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageError(f"image at {url!r} is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _download(url: str, session: aiohttp.ClientSession | None, settings: ImageSettings) -> bytes:
     if session is None:
         raise ImageError(f"cannot download {url!r}: no HTTP session available")
     try:
         timeout = aiohttp.ClientTimeout(total=settings.download_timeout)
         async with session.get(url, timeout=timeout, allow_redirects=True) as resp:
-            if resp.status != 200:
-                raise ImageError(f"downloading image {url!r} failed: HTTP {resp.status}")
-            declared = resp.content_length
-            if declared is not None and declared > settings.max_bytes:
-                raise ImageError(
-                    f"image at {url!r} is {declared} bytes, over the limit of"
-                    f" {settings.max_bytes} bytes"
-                )
-            chunks: list[bytes] = []
-            total = 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                total += len(chunk)
-                if total > settings.max_bytes:
-                    raise ImageError(
-                        f"image at {url!r} is over the limit of {settings.max_bytes} bytes"
-                    )
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return await read_response_capped(resp, settings.max_bytes, url)
     except ImageError:
         raise
     except TimeoutError:
@@ -619,18 +689,18 @@ async def _load_source(
             raise ImageError(f"image is {len(data)} bytes, over the limit of {settings.max_bytes}")
         return data
     if isinstance(image, str):
-        lowered = image[:8].lower()
-        if lowered.startswith("data:"):
+        kind = reference_kind(image)
+        if kind is ReferenceKind.DATA_URL:
             return _decode_data_url(image, settings)
-        if lowered.startswith(("http://", "https://")):
+        if kind is ReferenceKind.URL:
             return await _download(image, session, settings)
-        if lowered.startswith("file:"):
-            return await asyncio.to_thread(_read_file, _file_url_to_path(image), settings)
+        if kind is ReferenceKind.FILE_URL:
+            return await asyncio.to_thread(read_image_file, _file_url_to_path(image), settings)
         if not image:
             raise ImageError("image reference is an empty string")
-        return await asyncio.to_thread(_read_file, image, settings)
+        return await asyncio.to_thread(read_image_file, image, settings)
     if isinstance(image, os.PathLike):
-        return await asyncio.to_thread(_read_file, os.fspath(image), settings)
+        return await asyncio.to_thread(read_image_file, os.fspath(image), settings)
     read = getattr(image, "read", None)
     if callable(read):
         data = await asyncio.to_thread(read, settings.max_bytes + 1)
@@ -722,6 +792,40 @@ class ImageCache:
             self._entries.clear()
             self._nbytes = 0
 
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[PreparedImage]]) -> PreparedImage:
+        """The cached image for ``key``, or ``compute()``'s result, stored.
+
+        Concurrent calls for one key on one event loop compute it once: the others wait for
+        that result (or its error).
+        """
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            pending = self._inflight.get(key)
+            if pending is None or pending[0] is not loop:
+                future: asyncio.Future[PreparedImage] = loop.create_future()
+                self._inflight[key] = (loop, future)
+                pending = None
+        if pending is not None:
+            return await asyncio.shield(pending[1])
+        try:
+            prepared = await compute()
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        else:
+            self.put(key, prepared)
+            future.set_result(prepared)
+            return prepared
+        finally:
+            with self._lock:
+                if self._inflight.get(key, (None, None))[1] is future:
+                    del self._inflight[key]
+
 
 def _digest(data: bytes | memoryview | str) -> bytes:
     if isinstance(data, str):
@@ -741,12 +845,12 @@ def _source_key(image: ImageInput) -> Hashable | None:
         return ("array", _digest(memoryview(contiguous).cast("B")), tuple(array.shape), str(array.dtype))
     path: str | None = None
     if isinstance(image, str):
-        lowered = image[:8].lower()
-        if lowered.startswith("data:"):
+        kind = reference_kind(image)
+        if kind is ReferenceKind.DATA_URL:
             return ("data", _digest(image))
-        if lowered.startswith(("http://", "https://")):
+        if kind is ReferenceKind.URL:
             return None
-        path = _file_url_to_path(image) if lowered.startswith("file:") else image
+        path = _file_url_to_path(image) if kind is ReferenceKind.FILE_URL else image
     elif isinstance(image, os.PathLike):
         path = os.fspath(image)
     if path:
@@ -781,42 +885,35 @@ async def prepare_image(
         source = await _load_source(image, session, settings)
         if not isinstance(source, bytes):  # pragma: no cover - URLs and files give bytes
             return await _prepare_loaded(image, source, settings)
-        key: Hashable = (("bytes", _digest(source)), settings)
-        return await _cached(cache, key, lambda: _prepare_loaded(image, source, settings))
-    key = (source_key, settings)
+        key: Hashable = (("bytes", _digest(source)), settings.encoding)
+        prepared = await cache.get_or_compute(key, lambda: _prepare_loaded(image, source, settings))
+        return _check_limits(prepared, settings, image)
+    # Keyed by what decides the upload, not by the limits: the same file named by an agent
+    # (under an ImagePolicy's limits) and registered by the application shares one entry.
+    key = (source_key, settings.encoding)
     if isinstance(image, Image.Image):
         cache.watch(image, key)
-    return await _cached(cache, key, lambda: _prepare_uncached(image, settings, session))
+    prepared = await cache.get_or_compute(key, lambda: _prepare_uncached(image, settings, session))
+    return _check_limits(prepared, settings, image)
 
 
-async def _cached(
-    cache: ImageCache,
-    key: Hashable,
-    compute: Callable[[], Awaitable[PreparedImage]],
-) -> PreparedImage:
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    loop = asyncio.get_running_loop()
-    pending = cache._inflight.get(key)
-    if pending is not None and pending[0] is loop:
-        return await asyncio.shield(pending[1])
-    future: asyncio.Future[PreparedImage] = loop.create_future()
-    cache._inflight[key] = (loop, future)
-    try:
-        prepared = await compute()
-    except BaseException as exc:
-        if not future.done():
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody else must
-        raise
-    else:
-        cache.put(key, prepared)
-        future.set_result(prepared)
-        return prepared
-    finally:
-        if cache._inflight.get(key, (None, None))[1] is future:
-            del cache._inflight[key]
+def _check_limits(prepared: PreparedImage, settings: ImageSettings, image: ImageInput) -> PreparedImage:
+    """Hold an image prepared earlier (under other limits) to ``settings``' limits."""
+    pixels = prepared.width * prepared.height
+    problem = None
+    if pixels > settings.max_pixels:
+        problem = (
+            f"image is {prepared.width}x{prepared.height} = {pixels} pixels, over the limit of"
+            f" {settings.max_pixels} (raise ImageSettings.max_pixels to allow it)"
+        )
+    elif prepared._source_bytes is not None and prepared._source_bytes > settings.max_bytes:
+        problem = f"image is {prepared._source_bytes} bytes, over the limit of {settings.max_bytes}"
+    elif prepared._source_format is not None and prepared._source_format not in settings.formats:
+        allowed = ", ".join(sorted(settings.formats))
+        problem = f"not an image, or not in an allowed format ({allowed})"
+    if problem is not None:
+        raise ImageError(f"{_describe(image)}: {problem}")
+    return prepared
 
 
 async def _prepare_uncached(
@@ -855,6 +952,7 @@ def _prepare_sync(source: bytes | Image.Image, settings: ImageSettings) -> Prepa
         segment = _ENCODER.submit(_encode_in_background, rgb, segment_size, settings)
     else:  # the encoder is busy: encode here, so pending work (and memory) stays bounded
         segment = _jpeg_data_url(_resized(rgb, segment_size), settings)
+    encoded = isinstance(source, bytes)
     return PreparedImage(
         data_url=skill_url,
         width=oriented[0],
@@ -864,4 +962,6 @@ def _prepare_sync(source: bytes | Image.Image, settings: ImageSettings) -> Prepa
         segment_upload_width=segment_size[0],
         segment_upload_height=segment_size[1],
         _segment=segment,
+        _source_bytes=len(source) if encoded else None,
+        _source_format=sniff_image(source) if encoded else None,  # type: ignore[arg-type]
     )

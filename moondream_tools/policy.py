@@ -29,7 +29,7 @@ Example::
 
     policy = ImagePolicy(allowed_dirs=["/srv/uploads"], allow_urls=True,
                          allowed_hosts={"images.example.com"})
-    tools = VisionTools(md, images=policy)
+    tools = VisionTools(md, image_policy=policy)
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import ipaddress
 import os
 import socket
 import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,15 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .errors import ImageAccessError, ImageError
-from .images import DEFAULT_FORMATS, ImageSettings, sniff_image
+from .images import (
+    DEFAULT_FORMATS,
+    ImageInput,
+    ImageSettings,
+    ReferenceKind,
+    read_response_capped,
+    reference_kind,
+    sniff_image,
+)
 
 __all__ = ["ImagePolicy", "is_public_address"]
 
@@ -142,14 +151,44 @@ class ImagePolicy:
             raise ValueError("max_redirects must be >= 0")
         self.image_settings()  # validates the limits
 
-    def image_settings(self) -> ImageSettings:
-        """The image limits of this policy as :class:`ImageSettings`."""
-        return ImageSettings(
+    def image_settings(self, base: ImageSettings | None = None) -> ImageSettings:
+        """``base`` (the backend's :class:`ImageSettings`) held to this policy's limits.
+
+        The encoding (JPEG quality, crops, segment size) stays ``base``'s, so an image a
+        model names by path is uploaded exactly as the application's own copy would be,
+        and shares its cache entry; each limit is the tighter of the two.
+
+        >>> ImagePolicy(max_pixels=1_000_000).image_settings(ImageSettings(jpeg_quality=80)).jpeg_quality
+        80
+        """
+        limits = ImageSettings(
             max_pixels=self.max_pixels,
             max_bytes=self.max_bytes,
             download_timeout=self.download_timeout,
             formats=self.formats,
         )
+        return limits if base is None else base.within(limits)
+
+    async def resolve(self, reference: str) -> ImageInput:
+        """Turn a model-written reference into a trusted image source, or refuse it.
+
+        An ``http(s)`` URL is fetched under this policy (its bytes are returned), a ``data:``
+        URL is returned as is (its size is checked when it is prepared), a ``file:`` URL or
+        a path is checked against ``allowed_dirs`` (the resolved :class:`~pathlib.Path` is
+        returned). Prepare the result with :meth:`image_settings` as the settings.
+
+        Raises:
+            ImageAccessError: the reference is not allowed.
+            ImageError: it is allowed but cannot be read.
+        """
+        kind = reference_kind(reference)
+        if kind is ReferenceKind.URL:
+            return await self.fetch(reference)
+        if kind is ReferenceKind.DATA_URL:
+            return reference
+        if kind is ReferenceKind.FILE_URL:
+            return self.check_path(urllib.request.url2pathname(urllib.parse.urlsplit(reference).path))
+        return self.check_path(reference)
 
     def _where(self) -> str:
         return ", ".join(str(r) for r in self._roots)
@@ -262,20 +301,7 @@ class ImagePolicy:
             raise ImageError(f"downloading {url!r} failed: {type(exc).__name__}: {exc}") from None
 
     async def _read_image(self, url: str, resp: aiohttp.ClientResponse) -> bytes:
-        if resp.status != 200:
-            raise ImageError(f"downloading image {url!r} failed: HTTP {resp.status}")
-        declared = resp.content_length
-        if declared is not None and declared > self.max_bytes:
-            raise ImageError(f"image at {url!r} is {declared} bytes, over the limit of {self.max_bytes} bytes")
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            total += len(chunk)
-            if total > self.max_bytes:
-                raise ImageError(f"image at {url!r} is over the limit of {self.max_bytes} bytes")
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        data = await read_response_capped(resp, self.max_bytes, url)
         if not resp.content_type.startswith("image/") and sniff_image(data) is None:
             raise ImageError(f"{url!r} is not an image (content type {resp.content_type!r})")
         return data
-

@@ -56,7 +56,7 @@ from PIL import Image, ImageChops, ImageColor, ImageDraw, ImageFilter, ImageFont
 
 from .errors import ImageError
 from .geometry import box_to_pixels, point_to_pixels, points_reading_order, reading_order
-from .images import ImageSettings, decode_image
+from .images import ImageSettings, decode_image, read_image_file
 from .results import Detections, Points, Segmentation
 
 __all__ = [
@@ -453,12 +453,7 @@ def _load(image: RenderImage) -> Image.Image:
     elif isinstance(image, (bytes, bytearray, memoryview)):
         source = bytes(image)
     elif isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        try:
-            with open(path, "rb") as fh:
-                source = fh.read()
-        except OSError as exc:
-            raise ImageError(f"cannot read image file {path!r}: {exc.strerror or exc}") from None
+        source = read_image_file(os.fspath(image), settings)
     else:
         raise TypeError(
             f"annotate() takes a PIL image, a path or encoded bytes, got {type(image).__name__}"

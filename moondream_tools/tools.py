@@ -1,8 +1,8 @@
 """The four agent tools: describe_image, count_objects, locate_objects, segment_object.
 
-:class:`VisionTools` runs them on an :class:`~moondream_tools.AsyncMoondream` client and
-returns results whose ``.text`` is what an agent reads: short, exact, in pixels of the
-upright image. ``TOOL_SPECS`` holds each tool's name, description and argument model;
+:class:`VisionTools` runs them on any :class:`~moondream_tools.VisionBackend` (Moondream
+natively or hosted elsewhere; segmentation may go to another backend) and returns results
+whose ``.text`` is what an agent reads: short, exact, in pixels of the upright image. ``TOOL_SPECS`` holds each tool's name, description and argument model;
 the LangChain and LlamaIndex adapters publish exactly these, so every framework shows a
 model the same tools.
 
@@ -17,7 +17,7 @@ Example::
     from moondream_tools import AsyncMoondream, ImagePolicy, VisionTools
 
     async with AsyncMoondream() as md:
-        tools = VisionTools(md, images=ImagePolicy(allowed_dirs=["./photos"]))
+        tools = VisionTools(md, image_policy=ImagePolicy(allowed_dirs=["./photos"]))
         handle = tools.add_image("street.jpg")            # -> "img_1"
         result = await tools.count(handle, "person")
         print(result.text)   # Counted 3 "person" in img_1 (1280x853 px): #1 at (212, 440) left, ...
@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
-import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .client import AsyncMoondream, CaptionLength, run_sync
+from ._concurrency import map_concurrently
+from ._transport import run_sync
+from .backend import CaptionLength, VisionBackend, backend_name, require_skill
 from .errors import (
     APIConnectionError,
     AuthenticationError,
@@ -54,9 +52,10 @@ from .errors import (
     RateLimitError,
     ResponseError,
     ToolArgumentsError,
+    UnsupportedSkillError,
 )
 from .geometry import nest_rings, pixels_to_box, pixels_to_point, points_reading_order, position_word, reading_order
-from .images import ImageInput, PreparedImage
+from .images import ImageInput, PreparedImage, ReferenceKind, reference_kind
 from .policy import ImagePolicy
 from .render import annotate_png
 from .results import Answer, Caption, Detections, ImageSize, Points, Segmentation
@@ -76,6 +75,7 @@ __all__ = [
     "LocateObjectsArgs",
     "SegmentObjectArgs",
     "tool_error_text",
+    "VISION_OPTIONS",
 ]
 
 DEFAULT_MAX_OBJECTS = 250
@@ -385,7 +385,7 @@ def tool_error_text(error: MoondreamError) -> str:
         advice = "The vision service is not set up correctly; tell the user. Retrying will not help."
     elif isinstance(error, (RateLimitError, APIConnectionError, InternalServerError)):
         advice = "The vision service is busy or unreachable; try again in a moment or go on without it."
-    elif isinstance(error, NotFoundError):
+    elif isinstance(error, (NotFoundError, UnsupportedSkillError)):
         advice = "The vision service does not offer this; try another tool."
     elif isinstance(error, ToolArgumentsError):
         advice = "Fix the arguments and call the tool again."
@@ -402,20 +402,30 @@ def tool_error_text(error: MoondreamError) -> str:
 # ---------------------------------------------------------------------- tools
 
 
+#: The options :meth:`VisionTools.from_options` (and so every adapter) accepts.
+VISION_OPTIONS = ("backend", "segment_backend", "image_policy", "return_images", "max_objects")
+
+
 class VisionTools:
-    """The four vision tools over one Moondream client, with an image registry and policy.
+    """The four vision tools over any vision backend, with an image registry and policy.
 
     Args:
-        client: the :class:`AsyncMoondream` to use; None creates one from the environment
-            (``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``) owned and closed by these tools.
-        images: the :class:`ImagePolicy` for image references written by a model.
+        backend: the :class:`~moondream_tools.VisionBackend` to use (e.g.
+            :class:`~moondream_tools.AsyncMoondream`); None creates an ``AsyncMoondream``
+            from the environment (``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``) owned and
+            closed by these tools.
+        segment_backend: another backend for ``segment_object`` (e.g. a SAM 3 backend);
+            None segments with ``backend``. The tools never close it.
+        image_policy: the :class:`ImagePolicy` for image references written by a model
+            (default: registered handles only).
         return_images: add an annotated PNG of each result (``annotated_png``), for
             multimodal models. Off by default: several providers reject images in tool results.
-        max_objects: the limit sent to Moondream when counting and locating.
+        max_objects: the limit sent to the backend when counting and locating.
 
     Methods return a :class:`ToolResult` and raise :class:`MoondreamError` on failure;
     :meth:`run` and :meth:`run_sync` take a tool name and model-written arguments, as the
-    framework adapters do.
+    framework adapters do. A tool whose skill the backend lacks raises
+    :class:`~moondream_tools.UnsupportedSkillError`.
 
     Example::
 
@@ -426,24 +436,69 @@ class VisionTools:
 
     def __init__(
         self,
-        client: AsyncMoondream | None = None,
+        backend: VisionBackend | None = None,
         *,
-        images: ImagePolicy | None = None,
+        segment_backend: VisionBackend | None = None,
+        image_policy: ImagePolicy | None = None,
         return_images: bool = False,
         max_objects: int = DEFAULT_MAX_OBJECTS,
     ) -> None:
-        self._owns_client = client is None
-        self.client = client if client is not None else AsyncMoondream()
-        self.policy = images if images is not None else ImagePolicy()
-        self.return_images = return_images
+        for name, value in (("backend", backend), ("segment_backend", segment_backend)):
+            if value is not None and not isinstance(value, VisionBackend):
+                raise TypeError(
+                    f"{name} must be a VisionBackend (e.g. AsyncMoondream()), got {type(value).__name__}"
+                )
+        if image_policy is not None and not isinstance(image_policy, ImagePolicy):
+            raise TypeError(f"image_policy must be an ImagePolicy, got {type(image_policy).__name__}")
         if max_objects < 1:
             raise ValueError("max_objects must be at least 1")
+        self._owns_backend = backend is None
+        if backend is None:
+            from .client import AsyncMoondream  # the default backend, built only when none is given
+
+            backend = AsyncMoondream()
+        self.backend: VisionBackend = backend
+        self.segment_backend: VisionBackend | None = segment_backend
+        self.policy = image_policy if image_policy is not None else ImagePolicy()
+        self.return_images = return_images
         self.max_objects = max_objects
         self._registry: dict[str, ImageInput] = {}
 
+    @classmethod
+    def from_options(
+        cls, *, vision: VisionTools | None = None, owner: str = "VisionTools", **options: Any
+    ) -> VisionTools:
+        """``vision`` as given, or new tools built from ``options``: the one check every
+        adapter makes.
+
+        ``options`` are the keywords of :class:`VisionTools` (:data:`VISION_OPTIONS`); a
+        None value counts as not given. Giving ``vision`` and an option is a ``ValueError``;
+        an unknown option a ``TypeError`` naming ``owner`` and the accepted ones.
+
+        Example::
+
+            shared = VisionTools.from_options(backend=md, image_policy=policy)
+            assert VisionTools.from_options(vision=shared) is shared
+        """
+        unknown = [name for name in options if name not in VISION_OPTIONS]
+        if unknown:
+            raise TypeError(
+                f"{owner} got unknown argument(s) {', '.join(map(repr, unknown))};"
+                f" accepted: vision, {', '.join(VISION_OPTIONS)}"
+            )
+        given = {name: value for name, value in options.items() if value is not None}
+        if vision is not None:
+            if given:
+                raise ValueError(f"pass either vision= or {', '.join(name + '=' for name in given)}, not both")
+            if not isinstance(vision, VisionTools):
+                raise TypeError(f"vision must be a VisionTools, got {type(vision).__name__}")
+            return vision
+        return cls(**given)
+
     def __repr__(self) -> str:
+        segment = f", segment_backend={self.segment_backend!r}" if self.segment_backend is not None else ""
         return (
-            f"VisionTools(client={self.client!r}, images={self.policy!r},"
+            f"VisionTools(backend={self.backend!r}{segment}, image_policy={self.policy!r},"
             f" registered={list(self._registry)})"
         )
 
@@ -454,16 +509,16 @@ class VisionTools:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the client if these tools created it."""
-        if self._owns_client:
-            await self.client.aclose()
+        """Close the backend if these tools created it."""
+        if self._owns_backend:
+            await self.backend.aclose()
 
     # ------------------------------------------------------------ registry
 
     def add_image(self, image: ImageInput, name: str | None = None) -> str:
         """Register an image under a handle an agent can use; return the handle.
 
-        The application's own images may be anything :class:`AsyncMoondream` accepts
+        The application's own images may be any :data:`~moondream_tools.ImageInput`
         (path, bytes, PIL image, numpy array, ...); they are trusted and bypass the policy.
         Default names are ``img_1``, ``img_2``, ...
 
@@ -500,29 +555,22 @@ class VisionTools:
         return ImageAccessError(f"image {reference!r} is not registered; registered: {names}{also}")
 
     async def _resolve(self, reference: str) -> PreparedImage:
+        """One pass down: registry or policy -> a trusted source -> the backend prepares it."""
         if not isinstance(reference, str) or not reference.strip():
             raise ImageAccessError("image must be a non-empty string naming an image")
         reference = reference.strip()
         if reference in self._registry:
-            return await self.client.prepare(self._registry[reference])
-        lowered = reference[:8].lower()
-        settings = self.policy.image_settings()
-        if lowered.startswith(("http://", "https://")):
-            return await self.client.prepare(await self.policy.fetch(reference), settings=settings)
-        if lowered.startswith("data:"):
-            return await self.client.prepare(reference, settings=settings)
-        if lowered.startswith("file:"):
-            path = urllib.request.url2pathname(urllib.parse.urlsplit(reference).path)
-            return await self.client.prepare(self.policy.check_path(path), settings=settings)
-        looks_like_handle = "/" not in reference and "\\" not in reference and "." not in reference
+            return await self.backend.prepare(self._registry[reference])
         try:
-            path = self.policy.check_path(reference)
+            source = await self.policy.resolve(reference)
         except ImageError as exc:
-            if looks_like_handle:
+            if reference_kind(reference) is not ReferenceKind.PATH:
+                raise
+            if "/" not in reference and "\\" not in reference and "." not in reference:
                 raise self._unknown_handle(reference) from None
             names = ", ".join(self._registry) or "none"
             raise type(exc)(f"{exc}; registered images: {names}") from None
-        return await self.client.prepare(path, settings=settings)
+        return await self.backend.prepare(source, settings=self.policy.image_settings(self.backend.image_settings))
 
     async def _annotate(self, prepared: PreparedImage, *results: Any) -> bytes | None:
         if not self.return_images:
@@ -546,15 +594,17 @@ class VisionTools:
             result = await tools.describe("img_1", question="What color is the car?")
             print(result.text)   # img_1 (1280x853 px): Red.
         """
+        asks = (question is not None and bool(question.strip())) or reasoning
+        require_skill(self.backend, "query" if asks else "caption")
         prepared = await self._resolve(image)
         caption: Caption | None = None
         answer: Answer | None = None
         if question is not None and question.strip():
-            answer = await self.client.query(prepared, question, reasoning=reasoning)
+            answer = await self.backend.query(prepared, question, reasoning=reasoning)
         elif reasoning:
-            answer = await self.client.query(prepared, "Describe this image.", reasoning=True)
+            answer = await self.backend.query(prepared, "Describe this image.", reasoning=True)
         else:
-            caption = await self.client.caption(prepared, length=length)
+            caption = await self.backend.caption(prepared, length=length)
         png = None
         if answer is not None and answer.reasoning is not None and answer.reasoning.grounding:
             grounded = Points(
@@ -581,8 +631,9 @@ class VisionTools:
             result = await tools.count("img_1", "person")
             print(result.count, result.capped, result.text)
         """
+        require_skill(self.backend, "point")
         prepared = await self._resolve(image)
-        points = await self.client.point(prepared, object, settings={"max_objects": self.max_objects})
+        points = await self.backend.point(prepared, object, settings={"max_objects": self.max_objects})
         capped = len(points.points) >= self.max_objects
         return CountResult(
             tool="count_objects",
@@ -604,8 +655,9 @@ class VisionTools:
             result = await tools.locate("img_1", "car")
             print(result.text)
         """
+        require_skill(self.backend, "detect")
         prepared = await self._resolve(image)
-        detections = await self.client.detect(prepared, object, settings={"max_objects": self.max_objects})
+        detections = await self.backend.detect(prepared, object, settings={"max_objects": self.max_objects})
         return LocateResult(
             tool="locate_objects",
             image=image,
@@ -631,6 +683,12 @@ class VisionTools:
             print(result.text)
             result.segmentation.mask().save("dog.png")
         """
+        segmenter = self.segment_backend or self.backend
+        if "segment" not in segmenter.skills:
+            raise UnsupportedSkillError(
+                "segment", backend_name(segmenter), segmenter.skills,
+                hint="Pass VisionTools(..., segment_backend=...) a backend that can segment.",
+            )
         prepared = await self._resolve(image)
         size = prepared.size
         refs: list[list[float]] = []
@@ -640,7 +698,7 @@ class VisionTools:
         if box is not None:
             x0, y0, x1, y1 = _pixel_values(box, 4, "box")
             refs.append(list(pixels_to_box((x0, y0, x1, y1), size.width, size.height)))
-        segmentation = await self.client.segment(prepared, object, spatial_refs=refs or None)
+        segmentation = await segmenter.segment(prepared, object, spatial_refs=refs or None)
         annotated = await self._annotate(prepared, segmentation) if segmentation.found else None
         return SegmentResult(
             tool="segment_object",
@@ -687,7 +745,8 @@ class VisionTools:
             handles = [tools.add_image(p) for p in photos]
             results = await tools.batch("count_objects", [{"image": h, "object": "person"} for h in handles])
         """
-        return await self.client.map(lambda args: self.run(tool, args), arguments, concurrency=concurrency)
+        limit = concurrency or getattr(self.backend, "max_concurrency", None)
+        return await map_concurrently(lambda args: self.run(tool, args), arguments, concurrency=limit)
 
     def run_sync(self, tool: str, arguments: Mapping[str, Any]) -> ToolResult:
         """:meth:`run` for synchronous code, in a plain script or inside a running loop."""

@@ -32,7 +32,7 @@ from moondream_tools import (
     Timeout,
     __version__,
 )
-from moondream_tools import client as client_module
+from moondream_tools import _transport as transport_module
 from moondream_tools.testing import FakeMoondream, Scene, Shape
 
 SKILL_ROUTES = ("/v1/caption", "/v1/query", "/v1/detect", "/v1/point", "/v1/segment")
@@ -58,7 +58,7 @@ def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     async def fake_sleep(seconds: float) -> None:
         recorded.append(seconds)
 
-    monkeypatch.setattr(client_module, "_sleep", fake_sleep)
+    monkeypatch.setattr(transport_module, "_sleep", fake_sleep)
     return recorded
 
 
@@ -290,7 +290,7 @@ async def test_closing_a_stream_early_closes_the_response(fake: FakeMoondream, c
         async for _ in stream:
             break
     assert not stream.completed
-    connector = client._session.connector  # type: ignore[union-attr]
+    connector = client._transport.sessions.pooled.connector  # type: ignore[union-attr]
     assert connector is not None and len(connector._acquired) == 0  # type: ignore[attr-defined]
     # The client still works afterwards.
     assert (await client.caption(image)).caption
@@ -503,9 +503,9 @@ async def test_twelve_megapixel_scene(client: AsyncMoondream) -> None:
 async def test_one_pooled_session_reused(fake: FakeMoondream, client: AsyncMoondream) -> None:
     image = await client.prepare(three_shapes().render())
     await client.detect(image, "circle")
-    session = client._session
+    session = client._transport.sessions.pooled
     await client.point(image, "circle")
-    assert client._session is session
+    assert client._transport.sessions.pooled is session
     await client.aclose()
     assert session is not None and session.closed
     with pytest.raises(RuntimeError, match="closed"):
@@ -517,13 +517,13 @@ async def test_call_from_another_event_loop_in_a_worker_thread(
 ) -> None:
     image = three_shapes().render()
     await client.detect(image, "circle")  # the pool now belongs to this loop
-    pooled = client._session
+    pooled = client._transport.sessions.pooled
 
     def in_thread() -> int:
         return len(asyncio.run(client.detect(image, "circle")).objects)
 
     assert await asyncio.to_thread(in_thread) == 1
-    assert client._session is pooled and not pooled.closed  # type: ignore[union-attr]
+    assert client._transport.sessions.pooled is pooled and not pooled.closed  # type: ignore[union-attr]
     assert len((await client.detect(image, "square")).objects) == 1
 
 

@@ -57,7 +57,7 @@ from moondream_tools import (
     VisionTools,
     tool_error_text,
 )
-from moondream_tools import client as client_module
+from moondream_tools import _transport as transport_module
 from moondream_tools.testing import FakeMoondream, Scene, Shape
 
 SECRET = "sk-SECRET-123456"
@@ -89,8 +89,8 @@ def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         recorded.append(seconds)
         await asyncio.sleep(0)
 
-    monkeypatch.setattr(client_module, "_sleep", fake_sleep)
-    monkeypatch.setattr(client_module, "_BACKOFF_BASE", 0.001)
+    monkeypatch.setattr(transport_module, "_sleep", fake_sleep)
+    monkeypatch.setattr(transport_module, "BACKOFF_BASE", 0.001)
     return recorded
 
 
@@ -148,7 +148,7 @@ def other_tasks() -> set[asyncio.Task[Any]]:
 
 
 def acquired(client: AsyncMoondream) -> int:
-    session = client._session
+    session = client._transport.sessions.pooled
     if session is None or session.connector is None:
         return 0
     return len(session.connector._acquired)  # type: ignore[attr-defined]
@@ -413,7 +413,7 @@ async def test_connection_refused(fake: FakeMoondream, delays: list[float]) -> N
         assert "could not talk to" in message and "Check base_url" in message
         assert len(delays) == DEFAULT_ATTEMPTS - 1, "connection errors are retried"
         # The same client works once pointed at a live server: the pool is not broken.
-        client.base_url = fake.base_url
+        client._transport.base_url = fake.base_url
         await still_usable(client, fake)
 
 
@@ -449,7 +449,7 @@ async def test_dns_failure(fake: FakeMoondream, delays: list[float]) -> None:
         message = str(info.value)
         assert "/detect" in message and host in message and "Check base_url" in message
         assert len(delays) == DEFAULT_ATTEMPTS - 1
-        client.base_url = fake.base_url
+        client._transport.base_url = fake.base_url
         await still_usable(client, fake)
 
 
@@ -465,7 +465,7 @@ async def test_tls_error_https_to_a_plain_http_port(fake: FakeMoondream, delays:
         # TLS failure cannot succeed on a second try: it is not retried.
         assert fake.requests == []
         assert delays == []
-        client.base_url = fake.base_url
+        client._transport.base_url = fake.base_url
         await still_usable(client, fake)
 
 
@@ -506,7 +506,7 @@ async def test_server_closes_without_answering(
         message = str(info.value)
         assert "/detect" in message and "Server disconnected" in message and "Check base_url" in message
         assert len(connections) == DEFAULT_ATTEMPTS
-        client.base_url = fake.base_url
+        client._transport.base_url = fake.base_url
         await still_usable(client, fake)
 
 

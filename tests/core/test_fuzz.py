@@ -46,7 +46,9 @@ from hypothesis.control import currently_in_test_context
 from PIL import Image
 
 from moondream_tools import AsyncMoondream
-from moondream_tools.client import _INVALID, _chat_events, _decode_json, _parse_chat, _text_events
+from moondream_tools._streaming import chat_events as _chat_events, text_events as _text_events
+from moondream_tools._transport import INVALID as _INVALID, decode_json as _decode_json
+from moondream_tools.client import parse_chat as _parse_chat
 from moondream_tools.errors import ImageError, MoondreamError, ResponseError
 from moondream_tools.geometry import (
     flatten_path,

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from moondream_tools.testing.engine import format_refined_number
 from moondream_tools import geometry
 from moondream_tools.errors import ResponseError
+from moondream_tools.geometry import rle as geometry_rle
 from moondream_tools.geometry import (
     flatten_path,
     mask_to_rle,
@@ -45,6 +46,7 @@ from moondream_tools.geometry import (
     rle_to_string,
     segment_rings,
 )
+from moondream_tools.geometry.paths import _parse
 
 potrace = pytest.importorskip("potrace")
 coco_mask = pytest.importorskip("pycocotools.mask")
@@ -302,8 +304,8 @@ def test_partial_streams(d: str, expected: list[list[tuple[float, float]]]) -> N
 
 def test_partial_keeps_incomplete_commands_out_of_parse() -> None:
     # flatten drops 2-point rings, so check the commands themselves
-    assert geometry._parse("M 0.1 0.1 L 0.5 0.1 L 0.5 0.", True) == [[(M, (0.1, 0.1)), (L, (0.5, 0.1))]]
-    assert geometry._parse("M1,2L3,4C1,2,3", True) == [[(M, (1.0, 2.0)), (L, (3.0, 4.0))]]
+    assert _parse("M 0.1 0.1 L 0.5 0.1 L 0.5 0.", True) == [[(M, (0.1, 0.1)), (L, (0.5, 0.1))]]
+    assert _parse("M1,2L3,4C1,2,3", True) == [[(M, (1.0, 2.0)), (L, (3.0, 4.0))]]
 
 
 def test_partial_still_raises_on_earlier_errors() -> None:
@@ -688,7 +690,7 @@ def _rle_masks() -> list[np.ndarray]:
 @pytest.fixture(params=["numpy", "pure-python"])
 def numpy_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "pure-python":
-        monkeypatch.setattr(geometry, "_numpy", lambda: None)
+        monkeypatch.setattr(geometry_rle, "_numpy", lambda: None)
     return str(request.param)
 
 
@@ -714,7 +716,7 @@ def test_mask_to_rle_matches_pycocotools(numpy_mode: str, mode: str) -> None:
 def test_mask_to_rle_both_paths_identical(monkeypatch: pytest.MonkeyPatch) -> None:
     masks = [Image.fromarray(m) for m in _rle_masks()]
     with_numpy = [mask_to_rle(m) for m in masks]
-    monkeypatch.setattr(geometry, "_numpy", lambda: None)
+    monkeypatch.setattr(geometry_rle, "_numpy", lambda: None)
     assert [mask_to_rle(m) for m in masks] == with_numpy
 
 
@@ -824,3 +826,34 @@ def test_new_public_names_are_exported() -> None:
     ):
         assert name in geometry.__all__
         assert getattr(geometry, name) is not None
+
+
+def test_all_is_exactly_the_public_api() -> None:
+    expected = {
+        "reading_order",
+        "points_reading_order",
+        "clamp_unit",
+        "box_to_pixels",
+        "point_to_pixels",
+        "pixels_to_box",
+        "pixels_to_point",
+        "position_word",
+        "Command",
+        "Ring",
+        "parse_path",
+        "flatten_path",
+        "segment_rings",
+        "rasterize",
+        "ring_area",
+        "nest_rings",
+        "mask_to_rle",
+        "rle_to_string",
+        "rle_from_string",
+        "rle_to_mask",
+    }
+    assert set(geometry.__all__) == expected
+    assert len(geometry.__all__) == len(expected)  # no duplicates
+    namespace: dict[str, object] = {}
+    exec(f"from moondream_tools.geometry import {', '.join(geometry.__all__)}", namespace)
+    for name in geometry.__all__:
+        assert namespace[name] is getattr(geometry, name)

@@ -93,7 +93,7 @@ async def second_target() -> AsyncIterator[Target]:
 
 
 def tools_with(client: AsyncMoondream, **policy: object) -> VisionTools:
-    return VisionTools(client, images=ImagePolicy(allow_urls=True, **policy))  # type: ignore[arg-type]
+    return VisionTools(client, image_policy=ImagePolicy(allow_urls=True, **policy))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ SSRF

@@ -207,7 +207,7 @@ async def test_paths_outside_allowed_dirs_are_refused(
     fake: FakeMoondream, client: AsyncMoondream, photo_dirs: tuple[Path, Path], reference: str
 ) -> None:
     allowed, secret = photo_dirs
-    tools = VisionTools(client, images=ImagePolicy(allowed_dirs=[allowed]))
+    tools = VisionTools(client, image_policy=ImagePolicy(allowed_dirs=[allowed]))
     with pytest.raises(ImageAccessError) as info:
         await tools.count(reference.format(secret=secret), "circle")
     message = str(info.value)
@@ -220,7 +220,7 @@ async def test_paths_inside_allowed_dirs_work(
     fake: FakeMoondream, client: AsyncMoondream, photo_dirs: tuple[Path, Path]
 ) -> None:
     allowed, _ = photo_dirs
-    tools = VisionTools(client, images=ImagePolicy(allowed_dirs=[allowed]))
+    tools = VisionTools(client, image_policy=ImagePolicy(allowed_dirs=[allowed]))
     relative = await tools.count("sub/crowd.png", "red circle")
     absolute = await tools.count(str(allowed / "sub" / "crowd.png"), "red circle")
     assert relative.count == absolute.count == 3
@@ -239,14 +239,14 @@ async def test_no_local_files_and_no_urls_by_default(fake: FakeMoondream, tools:
 
 
 async def test_url_host_allow_list(client: AsyncMoondream) -> None:
-    tools = VisionTools(client, images=ImagePolicy(allow_urls=True, allowed_hosts={"images.example.com"}))
+    tools = VisionTools(client, image_policy=ImagePolicy(allow_urls=True, allowed_hosts={"images.example.com"}))
     with pytest.raises(ImageAccessError, match="host '127.0.0.1' is not allowed; allowed hosts: images.example.com"):
         await tools.count("http://127.0.0.1:9/x.png", "circle")
 
 
 async def test_policy_limits_apply_to_model_named_images(client: AsyncMoondream, tmp_path: Path) -> None:
     CROWD.render().save(tmp_path / "big.png")
-    tools = VisionTools(client, images=ImagePolicy(allowed_dirs=[tmp_path], max_pixels=100_000))
+    tools = VisionTools(client, image_policy=ImagePolicy(allowed_dirs=[tmp_path], max_pixels=100_000))
     with pytest.raises(ImageError, match="over the limit of 100000"):
         await tools.count("big.png", "circle")
     tools.add_image(tmp_path / "big.png", name="trusted")  # the application's own image
@@ -274,10 +274,10 @@ async def test_run_sync_inside_a_running_loop(threaded_fake: FakeMoondream) -> N
     async with VisionTools(md) as tools:
         tools.add_image(CROWD.render())
         assert (await tools.count("img_1", "blue square")).count == 1  # pools a session on this loop
-        pooled = md._session
+        pooled = md._transport.sessions.pooled
         result = tools.run_sync("count_objects", {"image": "img_1", "object": "red circle"})
         assert result.count == 3
-        assert md._session is pooled and pooled is not None and not pooled.closed
+        assert md._transport.sessions.pooled is pooled and pooled is not None and not pooled.closed
         assert (await tools.count("img_1", "blue square")).count == 1
     await md.aclose()
 
@@ -288,14 +288,14 @@ def test_run_sync_in_a_plain_script(threaded_fake: FakeMoondream) -> None:
     tools.add_image(CROWD.render())
     counts = [tools.run_sync("count_objects", {"image": "img_1", "object": "red circle"}).count for _ in range(3)]
     assert counts == [3, 3, 3]
-    assert md._session is None, "sync calls never tie the shared client to a loop that ends"
+    assert md._transport.sessions.pooled is None, "sync calls never tie the shared client to a loop that ends"
     asyncio.run(md.aclose())
 
 
 async def test_tool_error_texts_say_what_to_do(fake: FakeMoondream, tools: VisionTools) -> None:
     fake.fail_next(10, status=429)
     with pytest.raises(RateLimitError) as info:
-        await tools.client.point(CROWD.render(), "x", max_retries=0)
+        await tools.backend.point(CROWD.render(), "x", max_retries=0)
     text = tool_error_text(info.value)
     assert text.startswith("Error: HTTP 429") and "try again in a moment" in text
     assert "Traceback" not in text

@@ -250,7 +250,7 @@ def test_sync_invoke_in_a_plain_thread(threaded_fake: FakeMoondream) -> None:
     for thread in threads:
         thread.join(30)
     assert results == [3, 3, 3, 3]
-    assert client._session is None, "sync calls never tie the shared client to a loop that ends"
+    assert client._transport.sessions.pooled is None, "sync calls never tie the shared client to a loop that ends"
 
 
 async def test_sync_invoke_inside_a_running_loop_keeps_the_client_working(
@@ -260,14 +260,14 @@ async def test_sync_invoke_inside_a_running_loop_keeps_the_client_working(
     client = threaded_toolkit.vision.client
     first = await tools["count_objects"].ainvoke(call("count_objects", image="img_1", object="blue square"))
     assert first.artifact.count == 1
-    pooled = client._session
+    pooled = client._transport.sessions.pooled
     assert pooled is not None
     # A sync call from inside this running loop (as a sync framework callback would make).
     message = tools["count_objects"].invoke(call("count_objects", image="img_1", object="red circle"))
     assert message.artifact.count == 3
     segmented = tools["segment_object"].invoke(call("segment_object", image="img_1", object="yellow triangle"))
     assert segmented.status == "success"
-    assert client._session is pooled and not pooled.closed
+    assert client._transport.sessions.pooled is pooled and not pooled.closed
     after = await tools["locate_objects"].ainvoke(call("locate_objects", image="img_1", object="red circle"))
     assert len(boxes(after.content)) == 3
 

@@ -302,10 +302,10 @@ async def test_owned_client_from_the_environment(fake: FakeMoondream, monkeypatc
     monkeypatch.setenv("MOONDREAM_BASE_URL", fake.base_url)
     monkeypatch.setenv("MOONDREAM_API_KEY", fake.api_key or "")
     async with MoondreamToolSpec() as spec:
-        assert spec.vision.client.base_url == fake.base_url
+        assert spec.vision.backend.base_url == fake.base_url
         spec.add_image(SCENE.render())
         check_count(await spec.acount_objects("img_1", "red circle"))
-        session = spec.vision.client._session
+        session = spec.vision.backend._transport.sessions.pooled
         assert session is not None and not session.closed
     assert session.closed
 
@@ -321,7 +321,7 @@ def test_call_in_a_plain_script(threaded_fake: FakeMoondream, name: str) -> None
     arguments, check = CASES[name]
     check_output(name, tools_by_name(spec)[name].call(**arguments))
     check(getattr(spec, name)(**arguments))  # the direct sync method
-    assert md._session is None, "sync calls never tie the shared client to a loop that ends"
+    assert md._transport.sessions.pooled is None, "sync calls never tie the shared client to a loop that ends"
     asyncio.run(md.aclose())
 
 
@@ -354,13 +354,13 @@ async def test_call_inside_a_running_loop_keeps_the_shared_client(threaded_fake:
         spec.add_image(SCENE.render())
         tools = tools_by_name(spec)
         check_count(await tools["count_objects"].acall(image="img_1", object="red circle"))  # pools a session here
-        pooled = md._session
+        pooled = md._transport.sessions.pooled
         assert pooled is not None
         for name in TOOL_SPECS:
             check_output(name, tools[name].call(**CASES[name][0]))
         error = tools["segment_object"].call(image="nope", object="x")
         assert error.is_error and "is not registered" in error.content
-        assert md._session is pooled and not pooled.closed
+        assert md._transport.sessions.pooled is pooled and not pooled.closed
         check_locate(await tools["locate_objects"].acall(image="img_1", object="shapes"))
     await md.aclose()
     assert pooled.closed

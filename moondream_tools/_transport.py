@@ -1,0 +1,777 @@
+"""The one HTTP transport under every backend.
+
+It owns, once for every service this project speaks:
+
+- the session scope: one lazy ``aiohttp.ClientSession`` per transport, a private session for
+  a call from another event loop or from :func:`run_sync`, an application's own session
+  (``http_session=``, never closed here), proxies from the environment (``trust_env=``), and
+  closing (:class:`SessionScope`);
+- the limits: requests in flight, requests per second, and the pause a 429 imposes on
+  every request of the client (:class:`Limiter`);
+- **one** request loop, used by JSON calls and streams alike (:meth:`Transport.request_json`,
+  :meth:`Transport.stream`): a failure before the first byte of the answer was handed on is
+  retried with backoff;
+- the retry decision, a pure function of the error (its status and headers) and the attempt
+  (:func:`retry_delay`);
+- the mapping from HTTP status and body to a typed error (:func:`status_error`);
+- key redaction (:class:`Redactor`).
+
+A backend brings only what is its own: routes, auth headers, body mapping and a
+:class:`ServiceProfile` (how its error bodies read, what its errors advise).
+
+Example::
+
+    transport = Transport(base_url="http://localhost:2020/v1", profile=ServiceProfile("Moondream"))
+    data, request_id = await transport.request_json("POST", "/caption", {"image_url": ...},
+                                                    headers={}, options=transport.options())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+
+from ._streaming import Stream, decode_sse
+from ._version import __version__
+from .errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    InternalServerError,
+    MoondreamError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_CONCURRENCY",
+    "RETRY_STATUSES",
+    "CallOptions",
+    "Limiter",
+    "Redactor",
+    "ServiceProfile",
+    "SessionScope",
+    "Timeout",
+    "Transport",
+    "abandon_session",
+    "as_timeout",
+    "decode_json",
+    "error_message",
+    "parse_retry_after",
+    "retry_delay",
+    "run_sync",
+    "status_error",
+]
+
+logger = logging.getLogger("moondream_tools")
+
+#: HTTP statuses retried with backoff (plus connection errors and timeouts).
+RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
+DEFAULT_MAX_CONCURRENCY = 8
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 8.0
+ERROR_BODY_CHARS = 500
+USER_AGENT = f"moondream-tools/{__version__}"
+#: Indirection so tests can record backoff delays instead of waiting them out.
+_sleep = asyncio.sleep
+#: Set by :func:`run_sync`: calls in this context use a session of their own.
+_PRIVATE_SESSION: ContextVar[bool] = ContextVar("moondream_private_session", default=False)
+
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """Timeouts in seconds; ``None`` disables one.
+
+    Attributes:
+        total: the whole request, from connecting to the last byte of the answer.
+        connect: establishing the TCP (and TLS) connection.
+
+    A plain float anywhere a timeout is accepted means ``Timeout(total=that)``::
+
+        md = AsyncMoondream(timeout=Timeout(total=60, connect=5))
+        await md.detect(img, "car", timeout=10)
+    """
+
+    total: float | None = 120.0
+    connect: float | None = 10.0
+
+    def _aiohttp(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.total, sock_connect=self.connect)
+
+
+def as_timeout(value: float | Timeout | None, default: Timeout) -> Timeout:
+    """``value`` as a :class:`Timeout` (a number is the total), or ``default`` for None."""
+    if value is None:
+        return default
+    if isinstance(value, Timeout):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return Timeout(total=float(value), connect=default.connect)
+    raise ValueError(f"timeout must be a positive number of seconds or a Timeout, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The transport options of one call: its timeout and how often it may be retried."""
+
+    timeout: Timeout
+    max_retries: int
+
+
+# ---------------------------------------------------------------------- limits
+
+
+class Limiter:
+    """Concurrency limit (per event loop) plus request pacing shared across loops.
+
+    Pacing is a token bucket of capacity one (virtual scheduling): each request takes
+    the next free slot ``1 / requests_per_second`` after the previous one. ``pause``
+    pushes every future slot back, which is how a 429 slows down the whole client.
+    """
+
+    def __init__(self, max_concurrency: int | None, requests_per_second: float | None) -> None:
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1, or None for no limit")
+        if requests_per_second is not None and not requests_per_second > 0:
+            raise ValueError("requests_per_second must be positive, or None for no pacing")
+        self.max_concurrency = max_concurrency
+        self.interval = 1.0 / requests_per_second if requests_per_second else 0.0
+        self._next_slot = 0.0
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+        self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _semaphore(self) -> asyncio.Semaphore | None:
+        if self.max_concurrency is None:
+            return None
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            semaphore = self._semaphores.get(loop)
+            if semaphore is None:
+                semaphore = self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
+        return semaphore
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request back for ``seconds`` from now."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    async def _wait_turn(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._paused_until, self._next_slot)
+            if self.interval:
+                self._next_slot = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a free slot (concurrency and pacing), hold it while the block runs."""
+        semaphore = self._semaphore()
+        if semaphore is None:
+            await self._wait_turn()
+            yield
+            return
+        async with semaphore:
+            await self._wait_turn()
+            yield
+
+
+# ---------------------------------------------------------------------- retries
+
+
+def parse_retry_after(value: str | None, cap: float) -> float | None:
+    """``Retry-After`` as seconds (number or HTTP date), capped; None when absent/invalid.
+
+    >>> parse_retry_after("2.5", 60), parse_retry_after("600", 60), parse_retry_after("soon", 60)
+    (2.5, 60, None)
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), cap)
+
+
+def retry_delay(
+    error: MoondreamError,
+    attempt: int,
+    max_retries: int,
+    *,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> float | None:
+    """Seconds to wait before retrying after ``error`` on attempt ``attempt`` (from 0), or None.
+
+    Retried: connection errors and timeouts (not a failed TLS handshake), the statuses in
+    :data:`RETRY_STATUSES`, and any :class:`RateLimitError` (such as Station's "queue full").
+    The server's ``Retry-After`` (:attr:`APIStatusError.retry_after`) is the delay when it
+    sent one; otherwise exponential backoff with full jitter (0.5 s doubling, capped at 8 s).
+
+    >>> from moondream_tools.errors import InternalServerError
+    >>> error = InternalServerError("HTTP 503", status_code=503, retry_after=2.0)
+    >>> retry_delay(error, 0, 2), retry_delay(error, 2, 2)
+    (2.0, None)
+    """
+    if attempt >= max_retries:
+        return None
+    if isinstance(error, APIStatusError):
+        if not (error.status_code in RETRY_STATUSES or isinstance(error, RateLimitError)):
+            return None
+        if error.retry_after is not None:
+            return error.retry_after
+    elif not isinstance(error, APIConnectionError) or not error.retryable:
+        return None
+    return jitter(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class Redactor:
+    """Replaces every secret (API keys) with ``[redacted]`` in texts, bodies and headers.
+
+    >>> Redactor("sk-123")("bad key sk-123")
+    'bad key [redacted]'
+    """
+
+    def __init__(self, *secrets: str | None) -> None:
+        self._secrets = tuple(s for s in secrets if s)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+    def body(self, body: Any) -> Any:
+        """A JSON body or text with every secret replaced."""
+        if isinstance(body, str):
+            return self(body)
+        if isinstance(body, (dict, list)) and self._secrets:
+            return json.loads(self(json.dumps(body)))
+        return body
+
+    def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """Response headers with every secret in their values replaced."""
+        return {name: self(value) for name, value in headers.items()}
+
+
+class _Invalid:
+    pass
+
+
+#: What :func:`decode_json` returns for a body that is not JSON.
+INVALID: Any = _Invalid()
+
+
+def decode_json(raw: bytes) -> Any:
+    """The JSON value of ``raw``, or :data:`INVALID` when it is empty or not JSON."""
+    if not raw:
+        return INVALID
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        return INVALID
+
+
+def body_text(raw: bytes, content_type: str) -> str:
+    """A non-JSON error body as text (cut to length only after redaction, by the caller)."""
+    if "html" in content_type:
+        return f"(an HTML page of {len(raw)} bytes, probably from a proxy)"
+    return raw[:65536].decode("utf-8", "replace")
+
+
+def error_message(body: Any) -> str:
+    """The server's own words in an error body: ``error`` / ``detail`` / ``message``, cut short."""
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            value = body.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or json.dumps(value)[:ERROR_BODY_CHARS]
+            if value:
+                return str(value)[:ERROR_BODY_CHARS]
+        return ""
+    if isinstance(body, str):
+        return body.strip()[:ERROR_BODY_CHARS]
+    return ""
+
+
+AnswerErrorMapper = Callable[[str, dict[str, Any], "str | None"], "MoondreamError | None"]
+
+
+@dataclass(frozen=True)
+class ServiceProfile:
+    """What the transport needs to know about one HTTP service's errors.
+
+    Attributes:
+        name: the service, e.g. ``"Moondream"``.
+        auth_hint / permission_hint / not_found_hint / bad_request_hint / tls_hint: the
+            advice appended to a 401 / 403 / 404 / 400-422 error and a failed TLS handshake.
+        error_message: extracts the server's words from an error body.
+        answer_error: maps an error reported inside a successful JSON answer (Moondream
+            Station's HTTP 200 ``{"error": ...}``) to a typed error, or None when the
+            answer is not an error. Gets the route, the redacted body and the request id.
+        request_id_header: the response header that carries the request id.
+    """
+
+    name: str
+    auth_hint: str = "Check the API key."
+    permission_hint: str = "The API key may not do this: check its plan and permissions."
+    not_found_hint: str = "Check base_url and the model name."
+    bad_request_hint: str = "The server rejected the request: check the arguments."
+    tls_hint: str = "Check that base_url uses the right scheme and that the server's certificate is valid."
+    error_message: Callable[[Any], str] = error_message
+    answer_error: AnswerErrorMapper | None = None
+    request_id_header: str = "X-Request-Id"
+
+
+def status_error(
+    profile: ServiceProfile,
+    route: str,
+    status: int,
+    body: Any,
+    *,
+    request_id: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    retry_after: float | None = None,
+) -> APIStatusError:
+    """The typed error for an HTTP error status (``body`` already redacted).
+
+    >>> error = status_error(ServiceProfile("Demo"), "/detect", 429, {"error": "slow down"}, retry_after=1.0)
+    >>> type(error).__name__, error.retry_after, str(error)
+    ('RateLimitError', 1.0, 'HTTP 429 from /detect: slow down. Too many requests: slow down or retry later.')
+    """
+    if isinstance(body, str):
+        body = body[:ERROR_BODY_CHARS]
+    server_message = profile.error_message(body)
+    detail = f": {server_message}" if server_message else ""
+    cls: type[APIStatusError]
+    if status in (400, 422):
+        cls, hint = BadRequestError, profile.bad_request_hint
+    elif status == 401:
+        cls, hint = AuthenticationError, profile.auth_hint
+    elif status == 403:
+        cls, hint = PermissionDeniedError, profile.permission_hint
+    elif status == 404:
+        cls, hint = NotFoundError, profile.not_found_hint
+    elif status == 429:
+        cls, hint = RateLimitError, "Too many requests: slow down or retry later."
+    elif status >= 500:
+        cls, hint = InternalServerError, "The server failed; retry later."
+    else:
+        cls, hint = APIStatusError, ""
+    message = f"HTTP {status} from {route}{detail}. {hint}".strip()
+    return cls(
+        message, status_code=status, body=body, request_id=request_id, headers=headers, retry_after=retry_after
+    )
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+def abandon_session(session: aiohttp.ClientSession) -> None:
+    """Drop a session whose event loop is gone, closing its sockets without that loop.
+
+    A session's connections belong to the loop that opened them; once that loop is closed
+    they cannot be closed the normal way, and aiohttp has no public API for it. This reaches
+    into ``BaseConnector._conns``, ``BaseConnector._acquired``, ``BaseConnector._close`` and
+    the asyncio transport's ``_sock``: the supported aiohttp range is pinned in
+    ``pyproject.toml`` and ``tests/core/test_transport.py`` fails loudly if they change.
+    """
+    connector = session.connector
+    session.detach()
+    if connector is None:
+        return
+    protocols: list[Any] = []
+    for entries in getattr(connector, "_conns", {}).values():
+        protocols.extend(proto for proto, _ in entries)
+    protocols.extend(getattr(connector, "_acquired", ()))
+    for proto in protocols:
+        transport = getattr(proto, "transport", None)
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            try:
+                sock.close()
+            finally:
+                transport._sock = None  # type: ignore[union-attr]
+    try:
+        connector._close()
+    except RuntimeError:  # pragma: no cover - loop already gone
+        pass
+
+
+class SessionScope:
+    """Which ``aiohttp.ClientSession`` a request uses, and closing it.
+
+    - One pooled session, opened lazily on the first request's event loop and reused.
+    - A call from another live event loop (a framework's sync wrapper in a worker thread),
+      or inside :func:`run_sync`, gets a private session closed at the end of the call.
+    - When the pool's loop has been closed, its sockets are closed and a new pool opened.
+    - ``http_session``: the application's own session, used for calls on its loop and
+      never closed here. ``trust_env``: honour ``HTTP(S)_PROXY`` / ``NO_PROXY`` (and
+      ``.netrc``) in every session this scope opens.
+    """
+
+    def __init__(self, *, trust_env: bool = False, http_session: aiohttp.ClientSession | None = None) -> None:
+        if http_session is not None and not isinstance(http_session, aiohttp.ClientSession):
+            raise TypeError(f"http_session must be an aiohttp.ClientSession, got {type(http_session).__name__}")
+        self.trust_env = trust_env or (http_session is not None and http_session.trust_env)
+        self._borrowed = http_session
+        self._borrowed_loop: asyncio.AbstractEventLoop | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    @property
+    def pooled(self) -> aiohttp.ClientSession | None:
+        """The session requests on the owning loop use now (None before the first request)."""
+        return self._borrowed if self._borrowed is not None else self._session
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300), trust_env=self.trust_env
+        )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """The session for a request made now, on the running loop."""
+        if self.closed:
+            raise RuntimeError("this client is closed; create a new one")
+        if not _PRIVATE_SESSION.get():
+            loop = asyncio.get_running_loop()
+            shared = self._shared(loop)
+            if shared is not None:
+                yield shared
+                return
+        # A sync wrapper's loop that dies with the call, or a pool owned by another live loop.
+        private = self._new_session()
+        try:
+            yield private
+        finally:
+            await private.close()
+
+    def _shared(self, loop: asyncio.AbstractEventLoop) -> aiohttp.ClientSession | None:
+        if self._borrowed is not None:
+            if self._borrowed.closed:
+                raise RuntimeError("the http_session given to this client is closed")
+            if self._borrowed_loop is None:
+                self._borrowed_loop = loop
+            return self._borrowed if self._borrowed_loop is loop else None
+        owner = self._session_loop
+        if self._session is not None and owner is loop and not self._session.closed:
+            return self._session
+        if self._session is None or owner is None or owner.is_closed() or self._session.closed:
+            if self._session is not None:
+                abandon_session(self._session)
+            self._session = self._new_session()
+            self._session_loop = loop
+            return self._session
+        return None  # the pool belongs to another loop that is still alive
+
+    async def aclose(self) -> None:
+        """Close the pooled session (never a borrowed one). The scope cannot be used after."""
+        self.closed = True
+        session, loop = self._session, self._session_loop
+        self._session = self._session_loop = None
+        if session is None or session.closed:
+            return
+        running = asyncio.get_running_loop()
+        if loop is running:
+            await session.close()
+        elif loop is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(session.close(), loop)
+            await asyncio.wrap_future(future)
+        else:
+            abandon_session(session)
+
+
+def run_sync(call: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run an async client call from synchronous code and return its result.
+
+    With no event loop running in this thread, the call runs here on a fresh loop;
+    inside a running loop (a notebook, an async framework calling a sync tool), it runs
+    on a fresh loop in a worker thread, so the running loop is never blocked re-entrantly.
+    Either way the call uses an HTTP session of its own, closed before this returns, so a
+    client shared with async code is never tied to a loop that is about to end.
+
+    Example::
+
+        md = AsyncMoondream()
+        caption = run_sync(lambda: md.caption("photo.jpg"))
+    """
+
+    def run() -> _T:
+        token = _PRIVATE_SESSION.set(True)
+        try:
+            return asyncio.run(call())
+        finally:
+            _PRIVATE_SESSION.reset(token)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return run()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moondream-sync") as pool:
+        return pool.submit(run).result()
+
+
+# ---------------------------------------------------------------------- the transport
+
+
+ResponseReader = Callable[[aiohttp.ClientResponse], AsyncIterator[_T]]
+
+
+@dataclass
+class Transport:
+    """Sends a service's requests: limits, one retry loop, typed errors, redaction.
+
+    Args:
+        base_url: the service's root URL; routes are appended to it.
+        profile: the service's error conventions (:class:`ServiceProfile`).
+        redactor: the secrets to keep out of errors and logs.
+        timeout / max_retries / max_retry_after: the defaults of every call.
+        limiter: concurrency and pacing (:class:`Limiter`).
+        sessions: the session scope (:class:`SessionScope`).
+    """
+
+    base_url: str
+    profile: ServiceProfile
+    redactor: Redactor = field(default_factory=Redactor)
+    timeout: Timeout = field(default_factory=Timeout)
+    max_retries: int = 2
+    max_retry_after: float = 60.0
+    limiter: Limiter = field(default_factory=lambda: Limiter(DEFAULT_MAX_CONCURRENCY, None))
+    sessions: SessionScope = field(default_factory=SessionScope)
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+
+    def options(self, timeout: float | Timeout | None = None, max_retries: int | None = None) -> CallOptions:
+        """The options of one call: its own timeout / retries, or the transport's."""
+        retries = self.max_retries if max_retries is None else max_retries
+        if retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        return CallOptions(timeout=as_timeout(timeout, self.timeout), max_retries=retries)
+
+    async def aclose(self) -> None:
+        """Close the pooled session."""
+        await self.sessions.aclose()
+
+    # ------------------------------------------------------------ public requests
+
+    async def request_json(
+        self,
+        method: str,
+        route: str,
+        body: Any = None,
+        *,
+        headers: Mapping[str, str],
+        options: CallOptions,
+    ) -> tuple[dict[str, Any], str | None]:
+        """Send a JSON request (with retries); return the JSON object and the request id."""
+        payload = json.dumps(body).encode() if body is not None else None
+        sent = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **headers}
+        async with aclosing(self._requests(method, route, payload, sent, options, self._read_json(route))) as answers:
+            async for answer in answers:
+                return answer
+        raise AssertionError("unreachable: a JSON reader yields exactly one answer")  # pragma: no cover
+
+    def stream(
+        self,
+        route: str,
+        body: Any,
+        *,
+        headers: Mapping[str, str],
+        options: CallOptions,
+        stream: Stream[Any],
+    ) -> AsyncIterator[dict[str, Any]]:
+        """POST and iterate the server-sent events of the answer (retried before the first).
+
+        The request id goes on ``stream`` as soon as the server sends it.
+        """
+        payload = json.dumps(body).encode()
+        sent = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Accept": "text/event-stream",
+                **headers}
+        return self._requests("POST", route, payload, sent, options, self._read_sse(route, stream))
+
+    # ------------------------------------------------------------ the request loop
+
+    async def _requests(
+        self,
+        method: str,
+        route: str,
+        payload: bytes | None,
+        headers: dict[str, str],
+        options: CallOptions,
+        read: ResponseReader[_T],
+    ) -> AsyncIterator[_T]:
+        """The one request loop: send, read the answer with ``read``, and retry a failure
+        that happened before the first item was handed on."""
+        attempt = 0
+        while True:
+            started = False
+            try:
+                async with aclosing(self._attempt(method, route, payload, headers, options, read)) as items:
+                    async for item in items:
+                        started = True
+                        yield item
+                return
+            except MoondreamError as error:
+                delay = None if started else retry_delay(error, attempt, options.max_retries)
+                if delay is None:
+                    raise
+                if isinstance(error, RateLimitError):
+                    # Back off for everyone: every request of this client waits, not just this one.
+                    retry_after = error.retry_after
+                    self.limiter.pause(retry_after if retry_after is not None else BACKOFF_BASE * 2**attempt)
+                logger.info("retrying %s %s in %.2f s after: %s", method, route, delay, error)
+                attempt += 1
+                await _sleep(delay)
+
+    async def _attempt(
+        self,
+        method: str,
+        route: str,
+        payload: bytes | None,
+        headers: dict[str, str],
+        options: CallOptions,
+        read: ResponseReader[_T],
+    ) -> AsyncIterator[_T]:
+        logger.debug("%s %s (%d bytes)", method, route, len(payload or b""))
+        try:
+            async with self.limiter.slot(), self.sessions.session() as session:
+                async with session.request(
+                    method, self.base_url + route, data=payload, headers=headers, timeout=options.timeout._aiohttp()
+                ) as resp:
+                    if resp.status >= 400:
+                        raise self._status_error(route, resp, await resp.read())
+                    async with aclosing(read(resp)) as items:
+                        async for item in items:
+                            yield item
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self._connection_error(route, exc, options) from None
+
+    # ------------------------------------------------------------ readers
+
+    def _request_id(self, resp: aiohttp.ClientResponse, data: Any) -> str | None:
+        rid = data.get("request_id") if isinstance(data, dict) else None
+        return rid if isinstance(rid, str) else resp.headers.get(self.profile.request_id_header)
+
+    def _answer_error(self, route: str, data: Any, request_id: str | None) -> MoondreamError | None:
+        if self.profile.answer_error is None or not isinstance(data, dict) or not data.get("error"):
+            return None
+        return self.profile.answer_error(route, self.redactor.body(data), request_id)
+
+    def _read_json(self, route: str) -> ResponseReader[tuple[dict[str, Any], str | None]]:
+        async def read(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[dict[str, Any], str | None]]:
+            raw = await resp.read()
+            data = decode_json(raw)
+            request_id = self._request_id(resp, data)
+            if data is INVALID:
+                raise ResponseError(
+                    f"{route}: the server's answer is not valid JSON"
+                    f" (HTTP {resp.status}, {len(raw)} bytes, content type {resp.content_type!r})",
+                    request_id=request_id,
+                )
+            if not isinstance(data, dict):
+                raise ResponseError(f"{route}: expected a JSON object, got {type(data).__name__}", request_id=request_id)
+            error = self._answer_error(route, data, request_id)
+            if error is not None:
+                raise error
+            yield data, request_id
+
+        return read
+
+    def _read_sse(self, route: str, stream: Stream[Any]) -> ResponseReader[dict[str, Any]]:
+        async def read(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+            stream.request_id = resp.headers.get(self.profile.request_id_header) or stream.request_id
+            try:
+                if resp.content_type != "text/event-stream":
+                    data = decode_json(await resp.read())
+                    request_id = self._request_id(resp, data) or stream.request_id
+                    error = self._answer_error(route, data, request_id)
+                    raise error or ResponseError(
+                        f"{route}: expected a server-sent-events stream, got {resp.content_type!r}",
+                        request_id=request_id,
+                    )
+                async with aclosing(decode_sse(resp.content, route, self.redactor, stream)) as events:
+                    async for event in events:
+                        error = self._answer_error(route, event, stream.request_id)
+                        if error is not None:
+                            raise error
+                        yield event
+            finally:
+                resp.close()  # a stream left early must not wait for the rest of the body
+
+        return read
+
+    # ------------------------------------------------------------ errors
+
+    def _status_error(self, route: str, resp: aiohttp.ClientResponse, raw: bytes) -> APIStatusError:
+        data = decode_json(raw)
+        body = data if data is not INVALID else body_text(raw, resp.content_type)
+        # Redact before anything is cut short, so no fragment of the key survives a cut.
+        return status_error(
+            self.profile,
+            route,
+            resp.status,
+            self.redactor.body(body),
+            request_id=self._request_id(resp, data),
+            headers=self.redactor.headers(resp.headers),
+            retry_after=parse_retry_after(resp.headers.get("Retry-After"), self.max_retry_after),
+        )
+
+    def _connection_error(self, route: str, exc: BaseException, options: CallOptions) -> APIConnectionError:
+        if isinstance(exc, TimeoutError):
+            return APITimeoutError(
+                f"{route}: no answer from {self.base_url} within the timeout"
+                f" ({options.timeout.total} s total, {options.timeout.connect} s connect)."
+                " Raise timeout= or check that the server is up."
+            )
+        reason = self.redactor(str(exc) or type(exc).__name__)
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return APIConnectionError(
+                f"{route}: the TLS handshake with {self.base_url} failed ({type(exc).__name__}: {reason})."
+                f" {self.profile.tls_hint} Not retried.",
+                retryable=False,
+            )
+        return APIConnectionError(
+            f"{route}: could not talk to {self.base_url} ({type(exc).__name__}: {reason})."
+            " Check base_url and that the server is running."
+        )
