@@ -40,7 +40,7 @@ async def open_toolkit() -> AsyncIterator[tuple[MoondreamToolkit, dict[str, str]
     """The toolkit with one image registered as "photo", and what to ask about it."""
     if os.environ.get("MOONDREAM_API_KEY") or os.environ.get("MOONDREAM_BASE_URL"):
         async with MoondreamToolkit() as toolkit:  # the client comes from the environment
-            print(f"Vision: the Moondream server at {toolkit.vision.client.base_url}, on {PHOTO.name}.")
+            print(f"Vision: the Moondream server at {toolkit.vision.backend.base_url}, on {PHOTO.name}.")
             toolkit.add_image(PHOTO, name="photo")
             yield toolkit, {"count": "word", "object": "waterfall"}
         return
@@ -50,7 +50,7 @@ async def open_toolkit() -> AsyncIterator[tuple[MoondreamToolkit, dict[str, str]
     scene = Scene.demo()
     async with FakeMoondream() as server:
         client = AsyncMoondream(api_key=server.api_key, base_url=server.base_url)
-        async with MoondreamToolkit(client=client) as toolkit:
+        async with MoondreamToolkit(backend=client) as toolkit:
             toolkit.add_image(scene.render(), name="photo")
             yield toolkit, {"count": "red circle", "object": "blue square"}
         await client.aclose()

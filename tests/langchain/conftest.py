@@ -21,7 +21,7 @@ def scene() -> Scene:
 async def toolkit(fake: FakeMoondream) -> AsyncIterator[MoondreamToolkit]:
     """The four tools on the emulator (same event loop), with the scene as ``img_1``."""
     client = AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url)
-    async with MoondreamToolkit(client=client) as kit:
+    async with MoondreamToolkit(backend=client) as kit:
         assert kit.add_image(SCENE.render()) == "img_1"
         yield kit
     await client.aclose()
@@ -34,4 +34,4 @@ async def threaded_toolkit(threaded_fake: FakeMoondream) -> AsyncIterator[Moondr
     vision.add_image(SCENE.render())
     kit = MoondreamToolkit(vision=vision)
     yield kit
-    await vision.client.aclose()
+    await vision.backend.aclose()

@@ -42,7 +42,7 @@ class _Unit(ToolsUnitTests):
 
     @property
     def tool_constructor_params(self) -> dict[str, Any]:
-        return {"client": AsyncMoondream(base_url=OFFLINE)}
+        return {"backend": AsyncMoondream(base_url=OFFLINE)}
 
     @property
     def tool_invoke_params_example(self) -> dict[str, Any]:

@@ -130,7 +130,7 @@ async def test_plain_args_invoke_returns_the_text(toolkit: MoondreamToolkit) -> 
 async def test_return_images_gives_text_and_png_blocks(
     client: AsyncMoondream, name: str, args: dict[str, Any]
 ) -> None:
-    kit = MoondreamToolkit(client=client, return_images=True)
+    kit = MoondreamToolkit(backend=client, return_images=True)
     kit.add_image(SCENE.render())
     message = await tools_by_name(kit)[name].ainvoke(call(name, image="img_1", **args))
     assert isinstance(message.content, list) and len(message.content) == 2
@@ -145,7 +145,7 @@ async def test_return_images_gives_text_and_png_blocks(
 
 
 async def test_return_images_without_a_picture_is_a_text_block(client: AsyncMoondream) -> None:
-    tool = MoondreamDescribeTool(client=client, return_images=True)
+    tool = MoondreamDescribeTool(backend=client, return_images=True)
     tool.vision.add_image(SCENE.render())
     message = await tool.ainvoke(call("describe_image", image="img_1", length="short"))
     assert [block["type"] for block in message.content] == ["text"]  # type: ignore[index]
@@ -177,7 +177,7 @@ async def test_path_outside_allowed_dirs_is_a_readable_tool_error(
     allowed.mkdir()
     SCENE.render().save(allowed / "scene.png")
     SCENE.render().save(tmp_path / "secret.png")
-    kit = MoondreamToolkit(client=client, images=ImagePolicy(allowed_dirs=[allowed]))
+    kit = MoondreamToolkit(backend=client, image_policy=ImagePolicy(allowed_dirs=[allowed]))
     tool = tools_by_name(kit)["locate_objects"]
     for reference in ("../secret.png", str(tmp_path / "secret.png"), "/etc/passwd"):
         message = await tool.ainvoke(call("locate_objects", image=reference, object="circle"))
@@ -201,7 +201,7 @@ async def test_invalid_arguments_are_a_readable_tool_error(toolkit: MoondreamToo
 
 async def test_service_failure_is_a_readable_tool_error(fake: FakeMoondream) -> None:
     client = AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url, max_retries=0)
-    tool = MoondreamCountTool(client=client)
+    tool = MoondreamCountTool(backend=client)
     tool.vision.add_image(SCENE.render())
     fake.fail_next(status=429)
     message = await tool.ainvoke(call("count_objects", image="img_1", object="red circle"))
@@ -216,7 +216,7 @@ async def test_non_moondream_errors_propagate(toolkit: MoondreamToolkit, monkeyp
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(toolkit.vision.client, "point", broken)
+    monkeypatch.setattr(toolkit.vision.backend, "point", broken)
     tool = tools_by_name(toolkit)["count_objects"]
     with pytest.raises(ZeroDivisionError, match="a bug"):
         await tool.ainvoke(call("count_objects", image="img_1", object="red circle"))
@@ -229,7 +229,7 @@ async def test_non_moondream_errors_propagate(toolkit: MoondreamToolkit, monkeyp
 
 def test_sync_invoke_in_a_plain_thread(threaded_fake: FakeMoondream) -> None:
     client = AsyncMoondream(api_key=threaded_fake.api_key, base_url=threaded_fake.base_url)
-    kit = MoondreamToolkit(client=client)
+    kit = MoondreamToolkit(backend=client)
     kit.add_image(SCENE.render())
     tools = tools_by_name(kit)
     counts = [tools["count_objects"].invoke(call("count_objects", image="img_1", object="red circle")) for _ in range(2)]
@@ -257,7 +257,7 @@ async def test_sync_invoke_inside_a_running_loop_keeps_the_client_working(
     threaded_toolkit: MoondreamToolkit,
 ) -> None:
     tools = tools_by_name(threaded_toolkit)
-    client = threaded_toolkit.vision.client
+    client = threaded_toolkit.vision.backend
     first = await tools["count_objects"].ainvoke(call("count_objects", image="img_1", object="blue square"))
     assert first.artifact.count == 1
     pooled = client._transport.sessions.pooled
@@ -297,9 +297,9 @@ def test_tool_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOONDREAM_API_KEY", "env-key")
     monkeypatch.setenv("MOONDREAM_BASE_URL", "http://127.0.0.1:2020/v1")
     tool = MoondreamLocateTool()
-    assert tool.vision.client.base_url == "http://127.0.0.1:2020/v1" and tool.vision.client.has_api_key
+    assert tool.vision.backend.base_url == "http://127.0.0.1:2020/v1" and tool.vision.backend.has_api_key
     policy = ImagePolicy(allow_urls=True)
-    tool = MoondreamSegmentTool(images=policy, return_images=True, max_objects=5)
+    tool = MoondreamSegmentTool(image_policy=policy, return_images=True, max_objects=5)
     assert tool.vision.policy is policy and tool.vision.return_images and tool.vision.max_objects == 5
 
 
@@ -312,18 +312,18 @@ def test_tool_without_configuration_says_what_to_set(monkeypatch: pytest.MonkeyP
 
 def test_vision_and_convenience_keywords_exclude_each_other() -> None:
     vision = VisionTools(AsyncMoondream(base_url="http://127.0.0.1:9/v1"))
-    with pytest.raises(ValueError, match="either vision= or client="):
-        MoondreamCountTool(vision=vision, client=vision.client)
+    with pytest.raises(ValueError, match="either vision= or backend="):
+        MoondreamCountTool(vision=vision, backend=vision.backend)
     with pytest.raises(ValueError, match="either vision= or return_images="):
         MoondreamToolkit(vision=vision, return_images=True)
 
 
 def test_toolkit_shares_one_vision_and_selects_tools() -> None:
     client = AsyncMoondream(base_url="http://127.0.0.1:9/v1")
-    kit = MoondreamToolkit(client=client, images=ImagePolicy(allow_urls=True))
+    kit = MoondreamToolkit(backend=client, image_policy=ImagePolicy(allow_urls=True))
     tools = kit.get_tools()
     assert [t.name for t in tools] == list(TOOL_SPECS)
-    assert all(t.vision is kit.vision for t in tools) and kit.vision.client is client  # type: ignore[attr-defined]
+    assert all(t.vision is kit.vision for t in tools) and kit.vision.backend is client  # type: ignore[attr-defined]
     assert kit.add_image(SCENE.render()) == "img_1" and kit.add_image(b"x", name="photo") == "photo"
     assert kit.image_names == ["img_1", "photo"]
     kit.remove_image("photo")
@@ -341,6 +341,6 @@ async def test_toolkit_closes_the_client_it_created(fake: FakeMoondream, monkeyp
         kit.add_image(SCENE.render())
         message = await tools_by_name(kit)["count_objects"].ainvoke(call("count_objects", image="img_1", object="circle"))
         assert message.artifact.count == 3
-        client = kit.vision.client
+        client = kit.vision.backend
     with pytest.raises(RuntimeError, match="closed"):
         await client.caption(SCENE.render())

@@ -174,7 +174,7 @@ def test_spec_shares_a_vision_tools(client: AsyncMoondream) -> None:
     with pytest.raises(ValueError, match="either vision= or"):
         MoondreamToolSpec(client, vision=vision)
     with pytest.raises(ValueError, match="either vision= or"):
-        MoondreamToolSpec(vision=vision, images=ImagePolicy())
+        MoondreamToolSpec(vision=vision, image_policy=ImagePolicy())
 
 
 # ------------------------------------------------------------------ async calls
@@ -189,9 +189,9 @@ async def test_acall_matches_ground_truth(fake: FakeMoondream, spec: MoondreamTo
 
 
 @pytest.mark.parametrize("name", list(TOOL_SPECS))
-async def test_direct_async_methods(spec: MoondreamToolSpec, name: str) -> None:
+async def test_acall_tool_by_name(spec: MoondreamToolSpec, name: str) -> None:
     arguments, check = CASES[name]
-    output = await getattr(spec, "a" + name)(**arguments)
+    output = await spec.acall_tool(name, arguments)
     assert output.tool_name == name and not output.is_error
     check(output)
 
@@ -251,7 +251,7 @@ async def test_path_outside_allowed_dirs_is_an_error_output(
     secret.mkdir()
     SCENE.render().save(allowed / "scene.png")
     SCENE.render().save(secret / "private.png")
-    spec = MoondreamToolSpec(client, images=ImagePolicy(allowed_dirs=[allowed]))
+    spec = MoondreamToolSpec(client, image_policy=ImagePolicy(allowed_dirs=[allowed]))
     tools = tools_by_name(spec)
     for reference in ("../secret/private.png", str(secret / "private.png"), "/etc/passwd"):
         output = await tools["locate_objects"].acall(image=reference, object="circle")
@@ -280,10 +280,10 @@ async def test_service_errors_are_error_outputs(fake: FakeMoondream) -> None:
         spec = MoondreamToolSpec(md)
         spec.add_image(SCENE.render())
         fake.fail_next(1, status=429)
-        output = await spec.acount_objects("img_1", "red circle")
+        output = await spec.acall_tool("count_objects", {"image": "img_1", "object": "red circle"})
         assert output.is_error and output.content.startswith("Error: HTTP 429")
         assert "try again in a moment" in output.content
-        assert (await spec.acount_objects("img_1", "red circle")).raw_output.count == 3
+        assert (await spec.acall_tool("count_objects", {"image": "img_1", "object": "red circle"})).raw_output.count == 3
 
 
 async def test_other_exceptions_propagate(spec: MoondreamToolSpec, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,7 +304,7 @@ async def test_owned_client_from_the_environment(fake: FakeMoondream, monkeypatc
     async with MoondreamToolSpec() as spec:
         assert spec.vision.backend.base_url == fake.base_url
         spec.add_image(SCENE.render())
-        check_count(await spec.acount_objects("img_1", "red circle"))
+        check_count(await spec.acall_tool("count_objects", {"image": "img_1", "object": "red circle"}))
         session = spec.vision.backend._transport.sessions.pooled
         assert session is not None and not session.closed
     assert session.closed
@@ -320,7 +320,7 @@ def test_call_in_a_plain_script(threaded_fake: FakeMoondream, name: str) -> None
     spec.add_image(SCENE.render())
     arguments, check = CASES[name]
     check_output(name, tools_by_name(spec)[name].call(**arguments))
-    check(getattr(spec, name)(**arguments))  # the direct sync method
+    check(spec.call_tool(name, arguments))  # by name, synchronously
     assert md._transport.sessions.pooled is None, "sync calls never tie the shared client to a loop that ends"
     asyncio.run(md.aclose())
 

@@ -1,4 +1,4 @@
-"""``MoondreamToolkit``: the four vision tools sharing one client and one image registry."""
+"""``MoondreamToolkit``: the four vision tools sharing one backend and one image registry."""
 
 from __future__ import annotations
 
@@ -17,25 +17,27 @@ class MoondreamToolkit(BaseToolkit):
     """The Moondream vision tools for a LangChain agent, over one shared :class:`VisionTools`.
 
     Args:
-        client: the :class:`moondream_tools.AsyncMoondream` to use; None creates one from
-            ``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``, closed by :meth:`aclose`.
-        images: the :class:`moondream_tools.ImagePolicy` for image references written by
-            the model (default: registered handles only).
+        backend: the :class:`moondream_tools.VisionBackend` to use (e.g.
+            :class:`moondream_tools.AsyncMoondream`); None creates an ``AsyncMoondream``
+            from ``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``, closed by :meth:`aclose`.
+        segment_backend: another backend for ``segment_object`` (e.g. SAM 3); never closed here.
+        image_policy: the :class:`moondream_tools.ImagePolicy` for image references written
+            by the model (default: registered handles only).
         return_images: also return an annotated PNG of each result as an image content block,
             for multimodal models (several providers reject images in tool results).
-        max_objects: the limit sent to Moondream when counting and locating.
+        max_objects: the limit sent to the backend when counting and locating.
         tools: the names of the tools to offer (default: all four, in ``TOOL_SPECS`` order).
-        vision: an existing :class:`VisionTools` instead of the four options above.
+        vision: an existing :class:`VisionTools` instead of the five options above.
 
-    Every tool from :meth:`get_tools` shares ``vision``: one HTTP client, one image registry,
+    Every tool from :meth:`get_tools` shares ``vision``: one backend, one image registry,
     one policy. Register the application's images with :meth:`add_image` and tell the model
-    their names.
+    their names. Unknown keywords are a ``TypeError`` naming the accepted ones.
 
     Example:
         >>> from moondream_tools import AsyncMoondream, ImagePolicy
         >>> toolkit = MoondreamToolkit(
-        ...     client=AsyncMoondream(base_url="http://localhost:2020/v1"),
-        ...     images=ImagePolicy(allowed_dirs=["."]),
+        ...     backend=AsyncMoondream(base_url="http://localhost:2020/v1"),
+        ...     image_policy=ImagePolicy(allowed_dirs=["."]),
         ... )
         >>> toolkit.add_image(b"...jpeg bytes...", name="photo")
         'photo'
@@ -57,7 +59,7 @@ class MoondreamToolkit(BaseToolkit):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     vision: VisionTools
-    """The shared core tools: Moondream client, image registry and policy."""
+    """The shared core tools: vision backend(s), image registry and policy."""
 
     tools: list[str] = Field(default_factory=lambda: list(TOOL_SPECS))
     """The names of the tools :meth:`get_tools` returns."""
@@ -65,7 +67,7 @@ class MoondreamToolkit(BaseToolkit):
     @model_validator(mode="before")
     @classmethod
     def _fill_in(cls, data: Any) -> Any:
-        return build_vision(data)
+        return build_vision(cls, data)
 
     @field_validator("tools")
     @classmethod
@@ -96,7 +98,7 @@ class MoondreamToolkit(BaseToolkit):
         return self.vision.image_names
 
     async def aclose(self) -> None:
-        """Close the Moondream client if the toolkit created it."""
+        """Close the backend if the toolkit created it."""
         await self.vision.aclose()
 
     async def __aenter__(self) -> MoondreamToolkit:

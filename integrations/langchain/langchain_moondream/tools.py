@@ -45,8 +45,6 @@ from langchain_core.messages.content import create_image_block, create_text_bloc
 from langchain_core.tools import ArgsSchema, BaseTool, ToolException
 from moondream_tools import (
     TOOL_SPECS,
-    AsyncMoondream,
-    ImagePolicy,
     MoondreamError,
     ToolArgumentsError,
     ToolResult,
@@ -54,7 +52,8 @@ from moondream_tools import (
     VisionTools,
     tool_error_text,
 )
-from pydantic import ValidationError, model_validator
+from moondream_tools.tools import VISION_OPTIONS
+from pydantic import BaseModel, ValidationError, model_validator
 
 __all__ = [
     "MoondreamBaseTool",
@@ -65,28 +64,27 @@ __all__ = [
     "TOOL_CLASSES",
 ]
 
-_CONVENIENCE = ("client", "images", "return_images", "max_objects")
+def build_vision(model: type[BaseModel], data: Any) -> Any:
+    """Fill ``data["vision"]`` of a tool or toolkit from its keywords, refusing unknown ones.
 
-
-def build_vision(data: Any) -> Any:
-    """Fill ``data["vision"]`` from the convenience keywords of a tool or toolkit.
-
-    ``client`` (an :class:`AsyncMoondream`; None: one from the environment, owned by the
-    ``VisionTools``), ``images`` (an :class:`ImagePolicy`), ``return_images`` and
-    ``max_objects`` are passed to :class:`VisionTools`. Giving both ``vision`` and one of
-    these is an error.
+    ``vision`` (a shared :class:`VisionTools`), or the options of
+    :meth:`VisionTools.from_options` (``backend``, ``segment_backend``, ``image_policy``,
+    ``return_images``, ``max_objects``), not both. A keyword that is neither one of these nor
+    a field of ``model`` is a ``TypeError`` naming the accepted ones (pydantic would
+    silently drop it, and with it, say, a misspelt image policy).
     """
     if not isinstance(data, dict):
         return data
     data = dict(data)
-    options = {key: data.pop(key) for key in _CONVENIENCE if key in data}
-    if data.get("vision") is not None:
-        if options:
-            raise ValueError(f"pass either vision= or {', '.join(options)}=, not both")
-        return data
-    client: AsyncMoondream | None = options.pop("client", None)
-    policy: ImagePolicy | None = options.pop("images", None)
-    data["vision"] = VisionTools(client, images=policy, **options)
+    unknown = [key for key in data if key not in model.model_fields and key not in VISION_OPTIONS]
+    if unknown:
+        accepted = sorted(set(model.model_fields) | set(VISION_OPTIONS))
+        raise TypeError(
+            f"{model.__name__} got unknown argument(s) {', '.join(map(repr, unknown))};"
+            f" accepted: {', '.join(accepted)}"
+        )
+    options = {key: data.pop(key) for key in VISION_OPTIONS if key in data}
+    data["vision"] = VisionTools.from_options(vision=data.get("vision"), owner=model.__name__, **options)
     return data
 
 
@@ -98,17 +96,19 @@ def _invalid_arguments_text(tool: str, exc: ValidationError) -> str:
 class MoondreamBaseTool(BaseTool):
     """Common base of the Moondream tools: runs ``spec`` on a shared :class:`VisionTools`.
 
-    Construct with ``vision=VisionTools(...)`` to share a client and image registry between
-    tools (as :class:`~langchain_moondream.MoondreamToolkit` does), or with the convenience
-    keywords ``client=``, ``images=``, ``return_images=``, ``max_objects=``; with neither,
-    a client is made from ``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL`` (close it with
-    ``await tool.vision.aclose()`` when done with async calls).
+    Construct with ``vision=VisionTools(...)`` to share a backend and image registry between
+    tools (as :class:`~langchain_moondream.MoondreamToolkit` does), or with the keywords of
+    :class:`~moondream_tools.VisionTools`: ``backend=``, ``segment_backend=``,
+    ``image_policy=``, ``return_images=``, ``max_objects=``; with neither, a Moondream
+    client is made from ``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL`` (close it with
+    ``await tool.vision.aclose()`` when done with async calls). Unknown keywords are a
+    ``TypeError``.
     """
 
     spec: ClassVar[ToolSpec]
 
     vision: VisionTools
-    """The core tools: Moondream client, image registry and :class:`ImagePolicy`."""
+    """The core tools: vision backend(s), image registry and :class:`ImagePolicy`."""
 
     response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
     handle_tool_error: bool | str | Callable[[ToolException], str] | None = True
@@ -119,7 +119,7 @@ class MoondreamBaseTool(BaseTool):
     def _fill_in(cls, data: Any) -> Any:
         if not hasattr(cls, "spec"):
             raise TypeError("MoondreamBaseTool is abstract; use one of the four tool classes")
-        data = build_vision(data)
+        data = build_vision(cls, data)
         if isinstance(data, dict) and "handle_validation_error" not in data:
             data["handle_validation_error"] = functools.partial(_invalid_arguments_text, cls.spec.name)
         return data

@@ -19,7 +19,7 @@ Example::
     from llama_index.tools.moondream import MoondreamToolSpec
     from moondream_tools import ImagePolicy
 
-    spec = MoondreamToolSpec(images=ImagePolicy(allowed_dirs=["./photos"]))
+    spec = MoondreamToolSpec(image_policy=ImagePolicy(allowed_dirs=["./photos"]))
     spec.add_image("street.jpg", name="street")
     agent = FunctionAgent(tools=spec.to_tool_list(), llm=llm)
     response = await agent.run("How many cars are parked in 'street'?")
@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 from llama_index.core.base.llms.types import ContentBlock, ImageBlock, TextBlock
 from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
@@ -37,15 +37,14 @@ from pydantic import BaseModel
 
 from moondream_tools import (
     TOOL_SPECS,
-    AsyncMoondream,
+    ImageInput,
     ImagePolicy,
     MoondreamError,
     ToolResult,
+    VisionBackend,
     VisionTools,
     tool_error_text,
 )
-from moondream_tools.images import ImageInput
-from moondream_tools.tools import DEFAULT_MAX_OBJECTS
 
 __all__ = ["MoondreamToolSpec"]
 
@@ -64,21 +63,23 @@ class MoondreamToolSpec(BaseToolSpec):
     """Moondream vision tools for LlamaIndex agents.
 
     Args:
-        client: the :class:`moondream_tools.AsyncMoondream` to use; None creates one from
-            ``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``, closed by :meth:`aclose`.
-        images: the :class:`moondream_tools.ImagePolicy` for image references a model
+        backend: the :class:`moondream_tools.VisionBackend` to use (e.g.
+            :class:`moondream_tools.AsyncMoondream`); None creates an ``AsyncMoondream``
+            from ``MOONDREAM_API_KEY`` / ``MOONDREAM_BASE_URL``, closed by :meth:`aclose`.
+        segment_backend: another backend for ``segment_object`` (e.g. SAM 3); never closed here.
+        image_policy: the :class:`moondream_tools.ImagePolicy` for image references a model
             writes. Default: registered handles only (see :meth:`add_image`).
         return_images: add an annotated PNG (an ``ImageBlock``) to each tool output, for
             multimodal models. Off by default: several providers reject images in tool
             results.
-        max_objects: the limit sent to Moondream when counting and locating.
-        vision: an existing :class:`moondream_tools.VisionTools` to share (its client,
-            image registry and policy), instead of ``client``/``images``/``return_images``/
-            ``max_objects``.
+        max_objects: the limit sent to the backend when counting and locating (default 250).
+        vision: an existing :class:`moondream_tools.VisionTools` to share (its backends,
+            image registry and policy), instead of the five options above.
 
-    ``spec_functions`` are the four tool names. Each has a sync method (``count_objects``)
-    and an async one (``acount_objects``); both return a ``ToolOutput``. The sync methods
-    work in a plain script and inside a running event loop.
+    ``spec_functions`` are the four tool names; :meth:`to_tool_list` makes them
+    ``FunctionTool`` s (sync and async), and :meth:`call_tool` / :meth:`acall_tool` run one
+    by name. Both work in a plain script and inside a running event loop. Unknown keyword
+    arguments are a ``TypeError`` naming the accepted ones.
 
     Example::
 
@@ -97,19 +98,25 @@ class MoondreamToolSpec(BaseToolSpec):
 
     def __init__(
         self,
-        client: AsyncMoondream | None = None,
+        backend: VisionBackend | None = None,
         *,
-        images: ImagePolicy | None = None,
-        return_images: bool = False,
-        max_objects: int = DEFAULT_MAX_OBJECTS,
+        segment_backend: VisionBackend | None = None,
+        image_policy: ImagePolicy | None = None,
+        return_images: bool | None = None,
+        max_objects: int | None = None,
         vision: VisionTools | None = None,
+        **unknown: Any,
     ) -> None:
-        if vision is not None:
-            if client is not None or images is not None or return_images or max_objects != DEFAULT_MAX_OBJECTS:
-                raise ValueError("pass either vision= or client/images/return_images/max_objects, not both")
-            self.vision = vision
-        else:
-            self.vision = VisionTools(client, images=images, return_images=return_images, max_objects=max_objects)
+        self.vision = VisionTools.from_options(
+            vision=vision,
+            owner="MoondreamToolSpec",
+            backend=backend,
+            segment_backend=segment_backend,
+            image_policy=image_policy,
+            return_images=return_images,
+            max_objects=max_objects,
+            **unknown,
+        )
 
     def __repr__(self) -> str:
         return f"MoondreamToolSpec(vision={self.vision!r})"
@@ -123,7 +130,7 @@ class MoondreamToolSpec(BaseToolSpec):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the Moondream client if this spec created it."""
+        """Close the backend if this spec created it."""
         await self.vision.aclose()
 
     def add_image(self, image: ImageInput, name: str | None = None) -> str:
@@ -171,88 +178,6 @@ class MoondreamToolSpec(BaseToolSpec):
         except MoondreamError as exc:
             return _error_output(name, arguments, exc)
         return _result_output(name, arguments, result)
-
-    # ------------------------------------------------------------ the four tools
-
-    def describe_image(
-        self,
-        image: str,
-        question: str | None = None,
-        length: Literal["short", "normal", "long"] = "normal",
-        reasoning: bool = False,
-    ) -> ToolOutput:
-        """Describe an image, or answer ``question`` about it.
-
-        Example::
-
-            spec.describe_image("img_1", question="What color is the car?").content
-            # 'img_1 (1280x853 px): Red.'
-        """
-        return self.call_tool("describe_image", _describe_args(image, question, length, reasoning))
-
-    async def adescribe_image(
-        self,
-        image: str,
-        question: str | None = None,
-        length: Literal["short", "normal", "long"] = "normal",
-        reasoning: bool = False,
-    ) -> ToolOutput:
-        """Async :meth:`describe_image`."""
-        return await self.acall_tool("describe_image", _describe_args(image, question, length, reasoning))
-
-    def count_objects(self, image: str, object: str) -> ToolOutput:
-        """Count every ``object`` in an image, with the pixel center of each.
-
-        Example::
-
-            output = spec.count_objects("img_1", "person")
-            output.raw_output.count, output.raw_output.capped
-        """
-        return self.call_tool("count_objects", {"image": image, "object": object})
-
-    async def acount_objects(self, image: str, object: str) -> ToolOutput:
-        """Async :meth:`count_objects`."""
-        return await self.acall_tool("count_objects", {"image": image, "object": object})
-
-    def locate_objects(self, image: str, object: str) -> ToolOutput:
-        """Boxes (pixels, reading order) of every ``object`` in an image.
-
-        Example::
-
-            output = spec.locate_objects("img_1", "car")
-            output.raw_output.detections.to_pixels()
-        """
-        return self.call_tool("locate_objects", {"image": image, "object": object})
-
-    async def alocate_objects(self, image: str, object: str) -> ToolOutput:
-        """Async :meth:`locate_objects`."""
-        return await self.acall_tool("locate_objects", {"image": image, "object": object})
-
-    def segment_object(
-        self,
-        image: str,
-        object: str,
-        point: list[float] | None = None,
-        box: list[float] | None = None,
-    ) -> ToolOutput:
-        """Mask of one ``object``; ``point`` [x, y] or ``box`` (pixels) pick an instance.
-
-        Example::
-
-            output = spec.segment_object("img_1", "dog", point=[420, 310])
-            output.raw_output.segmentation.mask().save("dog.png")
-        """
-        return self.call_tool("segment_object", _segment_args(image, object, point, box))
-
-    async def asegment_object(
-        self,
-        image: str,
-        object: str,
-        point: list[float] | None = None,
-        box: list[float] | None = None,
-    ) -> ToolOutput:
-        """Async :meth:`segment_object`."""
-        return await self.acall_tool("segment_object", _segment_args(image, object, point, box))
 
     # ------------------------------------------------------------ LlamaIndex tool spec
 
@@ -323,19 +248,6 @@ def _tool_name(fn_name: str) -> str:
     if fn_name.startswith("a") and fn_name[1:] in TOOL_SPECS:
         return fn_name[1:]
     raise ValueError(f"unknown Moondream tool {fn_name!r}; tools: {', '.join(TOOL_SPECS)}")
-
-
-def _describe_args(image: str, question: str | None, length: str, reasoning: bool) -> dict[str, Any]:
-    return {"image": image, "question": question, "length": length, "reasoning": reasoning}
-
-
-def _segment_args(image: str, object: str, point: list[float] | None, box: list[float] | None) -> dict[str, Any]:
-    arguments: dict[str, Any] = {"image": image, "object": object}
-    if point is not None:
-        arguments["point"] = point
-    if box is not None:
-        arguments["box"] = box
-    return arguments
 
 
 def _result_output(name: str, arguments: dict[str, Any], result: ToolResult) -> ToolOutput:
