@@ -2,10 +2,10 @@
 
 It owns, once for every service this project speaks:
 
-- the session scope: one lazy ``aiohttp.ClientSession`` per transport, a private session for
-  a call from another event loop or from :func:`run_sync`, an application's own session
-  (``http_session=``, never closed here), proxies from the environment (``trust_env=``), and
-  closing (:class:`SessionScope`);
+- the session scope (:class:`~moondream_tools._sessions.SessionScope`, in its own module):
+  one lazy ``aiohttp.ClientSession`` per transport, a private session for a call from another
+  event loop or from :func:`run_sync`, an application's own session (``http_session=``,
+  never closed here), proxies from the environment (``trust_env=``), and closing;
 - the limits: requests in flight, requests per second, and the pause a 429 imposes on
   every request of the client (:class:`Limiter`);
 - **one** request loop, used by JSON calls and streams alike (:meth:`Transport.request_json`,
@@ -36,15 +36,14 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 
+from ._sessions import SessionScope, abandon_session, run_sync
 from ._streaming import Stream, decode_sse
 from ._version import __version__
 from .errors import (
@@ -92,8 +91,6 @@ ERROR_BODY_CHARS = 500
 USER_AGENT = f"moondream-tools/{__version__}"
 #: Indirection so tests can record backoff delays instead of waiting them out.
 _sleep = asyncio.sleep
-#: Set by :func:`run_sync`: calls in this context use a session of their own.
-_PRIVATE_SESSION: ContextVar[bool] = ContextVar("moondream_private_session", default=False)
 
 _T = TypeVar("_T")
 
@@ -399,155 +396,6 @@ def status_error(
     return cls(
         message, status_code=status, body=body, request_id=request_id, headers=headers, retry_after=retry_after
     )
-
-
-# ---------------------------------------------------------------------- sessions
-
-
-def abandon_session(session: aiohttp.ClientSession) -> None:
-    """Drop a session whose event loop is gone, closing its sockets without that loop.
-
-    A session's connections belong to the loop that opened them; once that loop is closed
-    they cannot be closed the normal way, and aiohttp has no public API for it. This reaches
-    into ``BaseConnector._conns``, ``BaseConnector._acquired``, ``BaseConnector._close`` and
-    the asyncio transport's ``_sock``: the supported aiohttp range is pinned in
-    ``pyproject.toml`` and ``tests/core/test_transport.py`` fails loudly if they change.
-    """
-    connector = session.connector
-    session.detach()
-    if connector is None:
-        return
-    protocols: list[Any] = []
-    for entries in getattr(connector, "_conns", {}).values():
-        protocols.extend(proto for proto, _ in entries)
-    protocols.extend(getattr(connector, "_acquired", ()))
-    for proto in protocols:
-        transport = getattr(proto, "transport", None)
-        sock = getattr(transport, "_sock", None)
-        if sock is not None:
-            try:
-                sock.close()
-            finally:
-                transport._sock = None  # type: ignore[union-attr]
-    try:
-        connector._close()
-    except RuntimeError:  # pragma: no cover - loop already gone
-        pass
-
-
-class SessionScope:
-    """Which ``aiohttp.ClientSession`` a request uses, and closing it.
-
-    - One pooled session, opened lazily on the first request's event loop and reused.
-    - A call from another live event loop (a framework's sync wrapper in a worker thread),
-      or inside :func:`run_sync`, gets a private session closed at the end of the call.
-    - When the pool's loop has been closed, its sockets are closed and a new pool opened.
-    - ``http_session``: the application's own session, used for calls on its loop and
-      never closed here. ``trust_env``: honour ``HTTP(S)_PROXY`` / ``NO_PROXY`` (and
-      ``.netrc``) in every session this scope opens.
-    """
-
-    def __init__(self, *, trust_env: bool = False, http_session: aiohttp.ClientSession | None = None) -> None:
-        if http_session is not None and not isinstance(http_session, aiohttp.ClientSession):
-            raise TypeError(f"http_session must be an aiohttp.ClientSession, got {type(http_session).__name__}")
-        self.trust_env = trust_env or (http_session is not None and http_session.trust_env)
-        self._borrowed = http_session
-        self._borrowed_loop: asyncio.AbstractEventLoop | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
-        self.closed = False
-
-    @property
-    def pooled(self) -> aiohttp.ClientSession | None:
-        """The session requests on the owning loop use now (None before the first request)."""
-        return self._borrowed if self._borrowed is not None else self._session
-
-    def _new_session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300), trust_env=self.trust_env
-        )
-
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[aiohttp.ClientSession]:
-        """The session for a request made now, on the running loop."""
-        if self.closed:
-            raise RuntimeError("this client is closed; create a new one")
-        if not _PRIVATE_SESSION.get():
-            loop = asyncio.get_running_loop()
-            shared = self._shared(loop)
-            if shared is not None:
-                yield shared
-                return
-        # A sync wrapper's loop that dies with the call, or a pool owned by another live loop.
-        private = self._new_session()
-        try:
-            yield private
-        finally:
-            await private.close()
-
-    def _shared(self, loop: asyncio.AbstractEventLoop) -> aiohttp.ClientSession | None:
-        if self._borrowed is not None:
-            if self._borrowed.closed:
-                raise RuntimeError("the http_session given to this client is closed")
-            if self._borrowed_loop is None:
-                self._borrowed_loop = loop
-            return self._borrowed if self._borrowed_loop is loop else None
-        owner = self._session_loop
-        if self._session is not None and owner is loop and not self._session.closed:
-            return self._session
-        if self._session is None or owner is None or owner.is_closed() or self._session.closed:
-            if self._session is not None:
-                abandon_session(self._session)
-            self._session = self._new_session()
-            self._session_loop = loop
-            return self._session
-        return None  # the pool belongs to another loop that is still alive
-
-    async def aclose(self) -> None:
-        """Close the pooled session (never a borrowed one). The scope cannot be used after."""
-        self.closed = True
-        session, loop = self._session, self._session_loop
-        self._session = self._session_loop = None
-        if session is None or session.closed:
-            return
-        running = asyncio.get_running_loop()
-        if loop is running:
-            await session.close()
-        elif loop is not None and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(session.close(), loop)
-            await asyncio.wrap_future(future)
-        else:
-            abandon_session(session)
-
-
-def run_sync(call: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run an async client call from synchronous code and return its result.
-
-    With no event loop running in this thread, the call runs here on a fresh loop;
-    inside a running loop (a notebook, an async framework calling a sync tool), it runs
-    on a fresh loop in a worker thread, so the running loop is never blocked re-entrantly.
-    Either way the call uses an HTTP session of its own, closed before this returns, so a
-    client shared with async code is never tied to a loop that is about to end.
-
-    Example::
-
-        md = AsyncMoondream()
-        caption = run_sync(lambda: md.caption("photo.jpg"))
-    """
-
-    def run() -> _T:
-        token = _PRIVATE_SESSION.set(True)
-        try:
-            return asyncio.run(call())
-        finally:
-            _PRIVATE_SESSION.reset(token)
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return run()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moondream-sync") as pool:
-        return pool.submit(run).result()
 
 
 # ---------------------------------------------------------------------- the transport

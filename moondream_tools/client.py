@@ -8,6 +8,11 @@ retries with backoff, limits, typed errors and async streaming. It implements
 :class:`~moondream_tools.VisionBackend` with all five skills, plus streams, chat and
 ``models()``.
 
+This module is the Moondream backend's public surface and nothing else: eleven methods,
+each with a typed, keyword-only, documented signature, which is why it is about 800 lines.
+Sending, retrying, streaming, argument checks and image preparation live in
+``_transport``, ``_sessions``, ``_streaming``, ``backend`` and ``images``.
+
 Example::
 
     from moondream_tools import AsyncMoondream

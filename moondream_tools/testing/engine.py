@@ -22,7 +22,8 @@ rings, Douglas-Peucker simplification and the two SVG path styles the
 Moondream segment skill speaks (refined potrace-style and coarse streaming).
 
 Self-contained on purpose (stdlib, numpy, PIL): it must never share code with
-the client it is used to test.
+the client it is used to test, which is why it keeps its own tracing and path writing
+(about 780 lines) instead of using ``moondream_tools.geometry``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ hangs, dropped connections).
 ...     assert fake.requests[-1].path == "/v1/detect"
 
 Self-contained on purpose (stdlib, aiohttp, numpy, PIL): it never imports the
-client it is used to test.
+client it is used to test. That is also why it is one module of about 850 lines: the
+whole wire format the client must match (routes, auth, JSON and SSE shapes, request ids,
+faults) is read in one place, independent of the client's own modules.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
 from moondream_tools import ImageError, ImageSettings, PreparedImage
-from moondream_tools import images as images_module
+from moondream_tools.images import prepare as prepare_module  # where _decode_for_upload is looked up
 from moondream_tools.images import model_working_size, prepare_image, upload_sizes
 
 SETTINGS = ImageSettings()
@@ -276,13 +276,13 @@ def test_upload_sizes_never_upscale_and_cover_the_model_size() -> None:
 
 async def test_decoding_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[int] = []
-    original = images_module._decode_for_upload
+    original = prepare_module._decode_for_upload
 
     def spy(source: object, settings: ImageSettings) -> object:
         threads.append(threading.get_ident())
         return original(source, settings)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(images_module, "_decode_for_upload", spy)
+    monkeypatch.setattr(prepare_module, "_decode_for_upload", spy)
     await prepare(encode(marker_image(), "PNG"))
     assert threads and threads[0] != threading.get_ident()
 

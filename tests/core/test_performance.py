@@ -26,7 +26,7 @@ from moondream_tools import (
     PreparedImage,
     VisionTools,
 )
-from moondream_tools import images as images_module
+from moondream_tools.images import prepare as prepare_module  # where _decode_for_upload is looked up
 from moondream_tools.testing import FakeMoondream, Scene
 
 
@@ -38,13 +38,13 @@ def sent_size(data_url: str) -> tuple[int, int]:
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Every image decode+encode the pipeline performs."""
     calls: list[object] = []
-    original = images_module._decode_for_upload
+    original = prepare_module._decode_for_upload
 
     def spy(source: object, settings: ImageSettings) -> object:
         calls.append(source)
         return original(source, settings)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(images_module, "_decode_for_upload", spy)
+    monkeypatch.setattr(prepare_module, "_decode_for_upload", spy)
     return calls
 
 

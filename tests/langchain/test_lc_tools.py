@@ -344,3 +344,44 @@ async def test_toolkit_closes_the_client_it_created(fake: FakeMoondream, monkeyp
         client = kit.vision.backend
     with pytest.raises(RuntimeError, match="closed"):
         await client.caption(SCENE.render())
+
+
+# ------------------------------------------------------------------ construction: nothing silently dropped
+
+
+@pytest.mark.parametrize("cls", [MoondreamToolkit, *TOOL_CLASSES.values()], ids=lambda c: c.__name__)
+def test_unknown_keywords_are_refused_naming_the_accepted_ones(cls: type) -> None:
+    policy = ImagePolicy(allowed_dirs=["/photos"])
+    with pytest.raises(TypeError) as info:
+        cls(backend=AsyncMoondream(base_url="http://127.0.0.1:9/v1"), imagez=policy, max_objectz=3)
+    message = str(info.value)
+    assert message.startswith(f"{cls.__name__} got unknown argument(s) 'imagez', 'max_objectz'; accepted: ")
+    for accepted in ("backend", "image_policy", "max_objects", "return_images", "segment_backend", "vision"):
+        assert accepted in message
+    with pytest.raises(TypeError, match="'images'"):  # the old name is refused, not dropped
+        cls(backend=AsyncMoondream(base_url="http://127.0.0.1:9/v1"), images=policy)
+
+
+def test_segment_backend_is_passed_through() -> None:
+    md = AsyncMoondream(base_url="http://127.0.0.1:9/v1")
+    segmenter = AsyncMoondream(base_url="http://127.0.0.1:8/v1")
+    kit = MoondreamToolkit(backend=md, segment_backend=segmenter, max_objects=9)
+    assert kit.vision.backend is md and kit.vision.segment_backend is segmenter and kit.vision.max_objects == 9
+    tool = MoondreamSegmentTool(backend=md, segment_backend=segmenter)
+    assert tool.vision.segment_backend is segmenter
+
+
+def test_public_surface() -> None:
+    import langchain_moondream
+
+    assert set(langchain_moondream.__all__) == {
+        "__version__",
+        "MoondreamToolkit",
+        "MoondreamBaseTool",
+        "MoondreamDescribeTool",
+        "MoondreamCountTool",
+        "MoondreamLocateTool",
+        "MoondreamSegmentTool",
+        "TOOL_CLASSES",
+    }
+    assert all(hasattr(langchain_moondream, name) for name in langchain_moondream.__all__)

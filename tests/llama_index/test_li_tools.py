@@ -364,3 +364,42 @@ async def test_call_inside_a_running_loop_keeps_the_shared_client(threaded_fake:
         check_locate(await tools["locate_objects"].acall(image="img_1", object="shapes"))
     await md.aclose()
     assert pooled.closed
+
+
+# ------------------------------------------------------------------ construction and surface
+
+
+def test_unknown_keywords_are_refused_naming_the_accepted_ones() -> None:
+    policy = ImagePolicy(allowed_dirs=["/photos"])
+    with pytest.raises(TypeError) as info:
+        MoondreamToolSpec(AsyncMoondream(base_url="http://127.0.0.1:9/v1"), imagez=policy, max_objectz=3)
+    assert str(info.value) == (
+        "MoondreamToolSpec got unknown argument(s) 'imagez', 'max_objectz'; accepted: vision, backend,"
+        " segment_backend, image_policy, return_images, max_objects"
+    )
+    with pytest.raises(TypeError, match="'images'"):  # the old name is refused, not dropped
+        MoondreamToolSpec(images=policy)
+
+
+def test_options_pass_through_to_the_shared_vision_tools() -> None:
+    md = AsyncMoondream(base_url="http://127.0.0.1:9/v1")
+    segmenter = AsyncMoondream(base_url="http://127.0.0.1:8/v1")
+    policy = ImagePolicy(allow_urls=True)
+    spec = MoondreamToolSpec(md, segment_backend=segmenter, image_policy=policy, return_images=True, max_objects=9)
+    vision = spec.vision
+    assert (vision.backend, vision.segment_backend, vision.policy) == (md, segmenter, policy)
+    assert vision.return_images is True and vision.max_objects == 9
+
+
+def test_one_tool_surface() -> None:
+    spec = MoondreamToolSpec(AsyncMoondream(base_url="http://127.0.0.1:9/v1"))
+    for name in TOOL_SPECS:
+        assert not hasattr(spec, name) and not hasattr(spec, "a" + name), f"a second surface: {name}"
+    assert [t.metadata.name for t in spec.to_tool_list()] == list(TOOL_SPECS)
+
+
+def test_public_surface() -> None:
+    import llama_index.tools.moondream as package
+
+    assert package.__all__ == ["MoondreamToolSpec"]
+    assert package.MoondreamToolSpec is MoondreamToolSpec

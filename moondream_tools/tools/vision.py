@@ -1,27 +1,4 @@
-"""The four agent tools: describe_image, count_objects, locate_objects, segment_object.
-
-:class:`VisionTools` runs them on any :class:`~moondream_tools.VisionBackend` (Moondream
-natively or hosted elsewhere; segmentation may go to another backend) and returns results
-whose ``.text`` is what an agent reads: short, exact, in pixels of the upright image. ``TOOL_SPECS`` holds each tool's name, description and argument model;
-the LangChain and LlamaIndex adapters publish exactly these, so every framework shows a
-model the same tools.
-
-Agents name images with strings, resolved under an :class:`ImagePolicy`: a handle the
-application registered (``tools.add_image(img) -> "img_1"``), a path inside an allowed
-directory, or (when enabled) an http(s) URL. The default policy allows registered
-handles only, so a model that read a hostile page cannot make the tools open
-``/etc/passwd``.
-
-Example::
-
-    from moondream_tools import AsyncMoondream, ImagePolicy, VisionTools
-
-    async with AsyncMoondream() as md:
-        tools = VisionTools(md, image_policy=ImagePolicy(allowed_dirs=["./photos"]))
-        handle = tools.add_image("street.jpg")            # -> "img_1"
-        result = await tools.count(handle, "person")
-        print(result.text)   # Counted 3 "person" in img_1 (1280x853 px): #1 at (212, 440) left, ...
-"""
+""":class:`VisionTools`: the four tools over any vision backend, with an image registry and policy."""
 
 from __future__ import annotations
 
@@ -29,377 +6,34 @@ import asyncio
 import base64
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from ._concurrency import map_concurrently
-from ._transport import run_sync
-from .backend import CaptionLength, VisionBackend, backend_name, require_skill
-from .errors import (
-    APIConnectionError,
-    AuthenticationError,
-    BadRequestError,
-    ConfigurationError,
-    ImageAccessError,
-    ImageError,
-    InternalServerError,
-    MoondreamError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitError,
-    ResponseError,
-    ToolArgumentsError,
-    UnsupportedSkillError,
+from .._concurrency import map_concurrently
+from .._transport import run_sync
+from ..backend import CaptionLength, VisionBackend, backend_name, require_skill
+from ..errors import ImageAccessError, ImageError, MoondreamError, ToolArgumentsError, UnsupportedSkillError
+from ..geometry import pixels_to_box, pixels_to_point
+from ..images import ImageInput, PreparedImage, ReferenceKind, reference_kind
+from ..policy import ImagePolicy
+from ..render import annotate_png
+from ..results import Answer, Caption, Points
+from .specs import TOOL_SPECS
+from .texts import (
+    CountResult,
+    DescribeResult,
+    LocateResult,
+    SegmentResult,
+    ToolResult,
+    _count_text,
+    _describe_text,
+    _locate_text,
+    _segment_text,
 )
-from .geometry import nest_rings, pixels_to_box, pixels_to_point, points_reading_order, position_word, reading_order
-from .images import ImageInput, PreparedImage, ReferenceKind, reference_kind
-from .policy import ImagePolicy
-from .render import annotate_png
-from .results import Answer, Caption, Detections, ImageSize, Points, Segmentation
-
-__all__ = [
-    "DEFAULT_MAX_OBJECTS",
-    "VisionTools",
-    "ToolSpec",
-    "TOOL_SPECS",
-    "ToolResult",
-    "DescribeResult",
-    "CountResult",
-    "LocateResult",
-    "SegmentResult",
-    "DescribeImageArgs",
-    "CountObjectsArgs",
-    "LocateObjectsArgs",
-    "SegmentObjectArgs",
-    "tool_error_text",
-    "VISION_OPTIONS",
-]
 
 DEFAULT_MAX_OBJECTS = 250
 _HANDLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_MAX_LISTED = 40  # positions listed in a text before "... and N more"
-
-
-# ---------------------------------------------------------------------- specs
-
-
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-_IMAGE_FIELD = (
-    "The image to look at: the name of an image the application registered (e.g. 'img_1'), "
-    "a local file path inside an allowed directory, or an http(s) URL if URLs are enabled."
-)
-_OBJECT_FIELD = "What to look for, as a short noun phrase, e.g. 'person', 'red car', 'the left dog'."
-
-
-class DescribeImageArgs(_Args):
-    """Arguments of ``describe_image``."""
-
-    image: str = Field(description=_IMAGE_FIELD)
-    question: str | None = Field(
-        default=None,
-        description="A question about the image. Leave empty to get a description instead.",
-    )
-    length: Literal["short", "normal", "long"] = Field(
-        default="normal", description="Length of the description when no question is asked."
-    )
-    reasoning: bool = Field(
-        default=False,
-        description="Think step by step before answering and return grounded points (slower).",
-    )
-
-
-class CountObjectsArgs(_Args):
-    """Arguments of ``count_objects``."""
-
-    image: str = Field(description=_IMAGE_FIELD)
-    object: str = Field(description=_OBJECT_FIELD)
-
-
-class LocateObjectsArgs(_Args):
-    """Arguments of ``locate_objects``."""
-
-    image: str = Field(description=_IMAGE_FIELD)
-    object: str = Field(description=_OBJECT_FIELD)
-
-
-class SegmentObjectArgs(_Args):
-    """Arguments of ``segment_object``."""
-
-    image: str = Field(description=_IMAGE_FIELD)
-    object: str = Field(description=_OBJECT_FIELD)
-    point: list[float] | None = Field(
-        default=None,
-        min_length=2,
-        max_length=2,
-        description="Optional [x, y] pixel position on the object, to pick one of several.",
-    )
-    box: list[float] | None = Field(
-        default=None,
-        min_length=4,
-        max_length=4,
-        description="Optional [x_min, y_min, x_max, y_max] pixel box around the object.",
-    )
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    """What a framework shows a model for one tool: name, description and arguments.
-
-    Attributes:
-        name: the tool name, e.g. ``"count_objects"``.
-        description: when to use the tool and what the image argument may be (< 1,024 chars).
-        args_schema: the pydantic model of the arguments (with field descriptions).
-        method: the :class:`VisionTools` method that runs it.
-    """
-
-    name: str
-    description: str
-    args_schema: type[BaseModel]
-    method: str
-
-
-TOOL_SPECS: Mapping[str, ToolSpec] = MappingProxyType(
-    {
-        spec.name: spec
-        for spec in (
-            ToolSpec(
-                name="describe_image",
-                description=(
-                    "Look at an image and describe it, or answer a question about it (what is in "
-                    "it, what text it shows, what color something is, what is happening). Use it "
-                    "whenever you need to know what an image contains. The image argument is a "
-                    "registered image name such as 'img_1', an allowed local path, or an http(s) "
-                    "URL if enabled. For exact counts use count_objects; for positions use "
-                    "locate_objects."
-                ),
-                args_schema=DescribeImageArgs,
-                method="describe",
-            ),
-            ToolSpec(
-                name="count_objects",
-                description=(
-                    "Count every instance of an object in an image (people in a crowd, cars in a "
-                    "lot, items on a shelf) and get the pixel position of each. More reliable than "
-                    "describe_image for numbers. Returns the count, the image size and each "
-                    "instance's center in pixels with a position word; says 'at least N' when the "
-                    "result hit the limit. The image argument is a registered image name such as "
-                    "'img_1', an allowed local path, or an http(s) URL if enabled."
-                ),
-                args_schema=CountObjectsArgs,
-                method="count",
-            ),
-            ToolSpec(
-                name="locate_objects",
-                description=(
-                    "Find where an object is in an image: returns a bounding box in pixels (x_min, "
-                    "y_min, x_max, y_max, origin top-left) for every instance, in reading order, "
-                    "with a position word and normalized [0-1] coordinates. Use it to answer "
-                    "'where is', to compare positions or sizes, or to get a box for "
-                    "segment_object. The image argument is a registered image name such as "
-                    "'img_1', an allowed local path, or an http(s) URL if enabled."
-                ),
-                args_schema=LocateObjectsArgs,
-                method="locate",
-            ),
-            ToolSpec(
-                name="segment_object",
-                description=(
-                    "Outline one object exactly (pixel mask): returns its area in pixels and as a "
-                    "percentage of the image, its bounding box in pixels and how many separate "
-                    "regions it has. Use it for sizes, coverage ('how much of the image is "
-                    "sky') or shapes. Give point or box (pixels, e.g. from locate_objects) to "
-                    "pick one of several instances. The image argument is a registered image "
-                    "name such as 'img_1', an allowed local path, or an http(s) URL if enabled."
-                ),
-                args_schema=SegmentObjectArgs,
-                method="segment",
-            ),
-        )
-    }
-)
-
-
-# ---------------------------------------------------------------------- results
-
-
-class ToolResult(BaseModel):
-    """What a tool returns: ``text`` for the agent, the structured result for code.
-
-    ``annotated_png`` holds an annotated picture of the result when the tools were made
-    with ``return_images=True``.
-    """
-
-    model_config = ConfigDict(frozen=True, ser_json_bytes="base64")
-
-    tool: str
-    image: str
-    image_size: ImageSize
-    text: str
-    annotated_png: bytes | None = Field(default=None, repr=False)
-
-
-class DescribeResult(ToolResult):
-    """``describe_image``: ``caption`` when no question was asked, else ``answer``."""
-
-    caption: Caption | None = None
-    answer: Answer | None = None
-
-
-class CountResult(ToolResult):
-    """``count_objects``: the number found, whether it hit the limit, and the points."""
-
-    object: str
-    count: int
-    capped: bool
-    points: Points
-
-
-class LocateResult(ToolResult):
-    """``locate_objects``: the boxes found (``detections``), in reading order in ``text``."""
-
-    object: str
-    detections: Detections
-
-
-class SegmentResult(ToolResult):
-    """``segment_object``: the segmentation (mask, polygons, RLE, ...) and its summary."""
-
-    object: str
-    segmentation: Segmentation
-
-
-# ---------------------------------------------------------------------- texts
-
-
-def _size_text(name: str, size: ImageSize) -> str:
-    return f"{name} ({size.width}x{size.height} px)"
-
-
-def _xy(x: float, y: float) -> str:
-    return f"({round(x)}, {round(y)})"
-
-
-def _more(total: int) -> str:
-    return f"; ... and {total - _MAX_LISTED} more" if total > _MAX_LISTED else ""
-
-
-def _count_text(name: str, obj: str, points: Points, capped: bool, limit: int) -> str:
-    size = points.image_size
-    assert size is not None
-    pixels = [(p.x, p.y) for p in points.to_pixels()]
-    number = f"at least {len(pixels)}" if capped else str(len(pixels))
-    head = f'Counted {number} "{obj}" in {_size_text(name, size)}'
-    if not pixels:
-        return head + "."
-    order = points_reading_order(pixels, size.width, size.height)
-    items = []
-    for rank, index in enumerate(order[:_MAX_LISTED], start=1):
-        x, y = pixels[index]
-        p = points.points[index]
-        items.append(f"#{rank} at {_xy(x, y)} {position_word(p.x, p.y)}")
-    text = f"{head}: " + ", ".join(items) + _more(len(pixels)) + "."
-    if capped:
-        text += f" The result hit the limit of {limit} objects; there may be more."
-    return text
-
-
-def _locate_text(name: str, obj: str, detections: Detections) -> str:
-    size = detections.image_size
-    assert size is not None
-    boxes = detections.to_pixels()
-    head = f'Found {len(boxes)} "{obj}" in {_size_text(name, size)}'
-    if not boxes:
-        return head + "."
-    order = reading_order([(b.x_min, b.y_min, b.x_max, b.y_max) for b in boxes])
-    items = []
-    for rank, index in enumerate(order[:_MAX_LISTED], start=1):
-        b = boxes[index]
-        n = pixels_to_box((b.x_min, b.y_min, b.x_max, b.y_max), size.width, size.height)
-        center = position_word((n[0] + n[2]) / 2, (n[1] + n[3]) / 2)
-        items.append(
-            f"#{rank} box {_xy(b.x_min, b.y_min)}-{_xy(b.x_max, b.y_max)} {center}"
-            f" [normalized {n[0]:.3f}, {n[1]:.3f}, {n[2]:.3f}, {n[3]:.3f}]"
-        )
-    return f"{head} (boxes are x_min, y_min - x_max, y_max in pixels): " + "; ".join(items) + _more(len(boxes)) + "."
-
-
-def _segment_text(name: str, obj: str, segmentation: Segmentation) -> str:
-    size = segmentation.image_size
-    assert size is not None
-    if not segmentation.found or segmentation.bbox_px is None:
-        return f'No "{obj}" found to segment in {_size_text(name, size)}.'
-    box = segmentation.bbox_px
-    polygons = nest_rings(segmentation.polygons)
-    holes = sum(len(h) for _, h in polygons)
-    regions = f"{len(polygons)} region" + ("s" if len(polygons) != 1 else "")
-    if holes:
-        regions += f" with {holes} hole" + ("s" if holes != 1 else "")
-    where = position_word(
-        (segmentation.bbox.x_min + segmentation.bbox.x_max) / 2,  # type: ignore[union-attr]
-        (segmentation.bbox.y_min + segmentation.bbox.y_max) / 2,  # type: ignore[union-attr]
-    )
-    return (
-        f'Segmented "{obj}" in {_size_text(name, size)}: area {segmentation.area_px:,} px'
-        f" ({segmentation.area_fraction:.1%} of the image), bbox {_xy(box.x_min, box.y_min)}-"
-        f"{_xy(box.x_max, box.y_max)} px {where}, {regions}."
-    )
-
-
-def _describe_text(name: str, size: ImageSize, caption: Caption | None, answer: Answer | None) -> str:
-    head = _size_text(name, size)
-    if caption is not None:
-        return f"{head}: {caption.caption.strip()}"
-    assert answer is not None
-    text = f"{head}: {answer.answer.strip()}"
-    if answer.reasoning is not None and answer.reasoning.text.strip():
-        text += f"\nReasoning: {answer.reasoning.text.strip()}"
-        grounded = [
-            f'"{span}" at ' + ", ".join(_xy(p.x, p.y) for p in points)
-            for span, points in answer.grounding_pixels()
-            if points
-        ]
-        if grounded:
-            text += "\nGrounded in pixels: " + "; ".join(grounded)
-    return text
-
-
-def tool_error_text(error: MoondreamError) -> str:
-    """The text an agent reads when a tool fails: what went wrong and what it can do.
-
-    Example::
-
-        try:
-            result = await tools.count("img_9", "cat")
-        except MoondreamError as exc:
-            print(tool_error_text(exc))
-    """
-    if isinstance(error, ImageError):
-        advice = "Use one of the available images."
-    elif isinstance(error, (AuthenticationError, PermissionDeniedError, ConfigurationError)):
-        advice = "The vision service is not set up correctly; tell the user. Retrying will not help."
-    elif isinstance(error, (RateLimitError, APIConnectionError, InternalServerError)):
-        advice = "The vision service is busy or unreachable; try again in a moment or go on without it."
-    elif isinstance(error, (NotFoundError, UnsupportedSkillError)):
-        advice = "The vision service does not offer this; try another tool."
-    elif isinstance(error, ToolArgumentsError):
-        advice = "Fix the arguments and call the tool again."
-    elif isinstance(error, (ResponseError, BadRequestError)):
-        advice = "Try again, perhaps with a simpler object phrase or question."
-    else:
-        advice = "Try again or go on without it."
-    message = str(error).rstrip()
-    if not message.endswith((".", "!", "?")):
-        message += "."
-    return f"Error: {message} {advice}"
-
-
-# ---------------------------------------------------------------------- tools
 
 
 #: The options :meth:`VisionTools.from_options` (and so every adapter) accepts.
@@ -454,7 +88,7 @@ class VisionTools:
             raise ValueError("max_objects must be at least 1")
         self._owns_backend = backend is None
         if backend is None:
-            from .client import AsyncMoondream  # the default backend, built only when none is given
+            from ..client import AsyncMoondream  # the default backend, built only when none is given
 
             backend = AsyncMoondream()
         self.backend: VisionBackend = backend

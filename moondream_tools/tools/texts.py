@@ -1,0 +1,202 @@
+"""The tools' results and the texts an agent reads: short, exact, in pixels of the upright image.
+
+Also :func:`tool_error_text`, the text an agent reads when a tool fails.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import (
+    APIConnectionError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ImageError,
+    InternalServerError,
+    MoondreamError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseError,
+    ToolArgumentsError,
+    UnsupportedSkillError,
+)
+from ..geometry import nest_rings, pixels_to_box, points_reading_order, position_word, reading_order
+from ..results import Answer, Caption, Detections, ImageSize, Points, Segmentation
+
+_MAX_LISTED = 40  # positions listed in a text before "... and N more"
+
+
+# ---------------------------------------------------------------------- results
+
+
+class ToolResult(BaseModel):
+    """What a tool returns: ``text`` for the agent, the structured result for code.
+
+    ``annotated_png`` holds an annotated picture of the result when the tools were made
+    with ``return_images=True``.
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64")
+
+    tool: str
+    image: str
+    image_size: ImageSize
+    text: str
+    annotated_png: bytes | None = Field(default=None, repr=False)
+
+
+class DescribeResult(ToolResult):
+    """``describe_image``: ``caption`` when no question was asked, else ``answer``."""
+
+    caption: Caption | None = None
+    answer: Answer | None = None
+
+
+class CountResult(ToolResult):
+    """``count_objects``: the number found, whether it hit the limit, and the points."""
+
+    object: str
+    count: int
+    capped: bool
+    points: Points
+
+
+class LocateResult(ToolResult):
+    """``locate_objects``: the boxes found (``detections``), in reading order in ``text``."""
+
+    object: str
+    detections: Detections
+
+
+class SegmentResult(ToolResult):
+    """``segment_object``: the segmentation (mask, polygons, RLE, ...) and its summary."""
+
+    object: str
+    segmentation: Segmentation
+
+
+# ---------------------------------------------------------------------- texts
+
+
+def _size_text(name: str, size: ImageSize) -> str:
+    return f"{name} ({size.width}x{size.height} px)"
+
+
+def _xy(x: float, y: float) -> str:
+    return f"({round(x)}, {round(y)})"
+
+
+def _more(total: int) -> str:
+    return f"; ... and {total - _MAX_LISTED} more" if total > _MAX_LISTED else ""
+
+
+def _count_text(name: str, obj: str, points: Points, capped: bool, limit: int) -> str:
+    size = points.image_size
+    assert size is not None
+    pixels = [(p.x, p.y) for p in points.to_pixels()]
+    number = f"at least {len(pixels)}" if capped else str(len(pixels))
+    head = f'Counted {number} "{obj}" in {_size_text(name, size)}'
+    if not pixels:
+        return head + "."
+    order = points_reading_order(pixels, size.width, size.height)
+    items = []
+    for rank, index in enumerate(order[:_MAX_LISTED], start=1):
+        x, y = pixels[index]
+        p = points.points[index]
+        items.append(f"#{rank} at {_xy(x, y)} {position_word(p.x, p.y)}")
+    text = f"{head}: " + ", ".join(items) + _more(len(pixels)) + "."
+    if capped:
+        text += f" The result hit the limit of {limit} objects; there may be more."
+    return text
+
+
+def _locate_text(name: str, obj: str, detections: Detections) -> str:
+    size = detections.image_size
+    assert size is not None
+    boxes = detections.to_pixels()
+    head = f'Found {len(boxes)} "{obj}" in {_size_text(name, size)}'
+    if not boxes:
+        return head + "."
+    order = reading_order([(b.x_min, b.y_min, b.x_max, b.y_max) for b in boxes])
+    items = []
+    for rank, index in enumerate(order[:_MAX_LISTED], start=1):
+        b = boxes[index]
+        n = pixels_to_box((b.x_min, b.y_min, b.x_max, b.y_max), size.width, size.height)
+        center = position_word((n[0] + n[2]) / 2, (n[1] + n[3]) / 2)
+        items.append(
+            f"#{rank} box {_xy(b.x_min, b.y_min)}-{_xy(b.x_max, b.y_max)} {center}"
+            f" [normalized {n[0]:.3f}, {n[1]:.3f}, {n[2]:.3f}, {n[3]:.3f}]"
+        )
+    return f"{head} (boxes are x_min, y_min - x_max, y_max in pixels): " + "; ".join(items) + _more(len(boxes)) + "."
+
+
+def _segment_text(name: str, obj: str, segmentation: Segmentation) -> str:
+    size = segmentation.image_size
+    assert size is not None
+    if not segmentation.found or segmentation.bbox_px is None:
+        return f'No "{obj}" found to segment in {_size_text(name, size)}.'
+    box = segmentation.bbox_px
+    polygons = nest_rings(segmentation.polygons)
+    holes = sum(len(h) for _, h in polygons)
+    regions = f"{len(polygons)} region" + ("s" if len(polygons) != 1 else "")
+    if holes:
+        regions += f" with {holes} hole" + ("s" if holes != 1 else "")
+    where = position_word(
+        (segmentation.bbox.x_min + segmentation.bbox.x_max) / 2,  # type: ignore[union-attr]
+        (segmentation.bbox.y_min + segmentation.bbox.y_max) / 2,  # type: ignore[union-attr]
+    )
+    return (
+        f'Segmented "{obj}" in {_size_text(name, size)}: area {segmentation.area_px:,} px'
+        f" ({segmentation.area_fraction:.1%} of the image), bbox {_xy(box.x_min, box.y_min)}-"
+        f"{_xy(box.x_max, box.y_max)} px {where}, {regions}."
+    )
+
+
+def _describe_text(name: str, size: ImageSize, caption: Caption | None, answer: Answer | None) -> str:
+    head = _size_text(name, size)
+    if caption is not None:
+        return f"{head}: {caption.caption.strip()}"
+    assert answer is not None
+    text = f"{head}: {answer.answer.strip()}"
+    if answer.reasoning is not None and answer.reasoning.text.strip():
+        text += f"\nReasoning: {answer.reasoning.text.strip()}"
+        grounded = [
+            f'"{span}" at ' + ", ".join(_xy(p.x, p.y) for p in points)
+            for span, points in answer.grounding_pixels()
+            if points
+        ]
+        if grounded:
+            text += "\nGrounded in pixels: " + "; ".join(grounded)
+    return text
+
+
+def tool_error_text(error: MoondreamError) -> str:
+    """The text an agent reads when a tool fails: what went wrong and what it can do.
+
+    Example::
+
+        try:
+            result = await tools.count("img_9", "cat")
+        except MoondreamError as exc:
+            print(tool_error_text(exc))
+    """
+    if isinstance(error, ImageError):
+        advice = "Use one of the available images."
+    elif isinstance(error, (AuthenticationError, PermissionDeniedError, ConfigurationError)):
+        advice = "The vision service is not set up correctly; tell the user. Retrying will not help."
+    elif isinstance(error, (RateLimitError, APIConnectionError, InternalServerError)):
+        advice = "The vision service is busy or unreachable; try again in a moment or go on without it."
+    elif isinstance(error, (NotFoundError, UnsupportedSkillError)):
+        advice = "The vision service does not offer this; try another tool."
+    elif isinstance(error, ToolArgumentsError):
+        advice = "Fix the arguments and call the tool again."
+    elif isinstance(error, (ResponseError, BadRequestError)):
+        advice = "Try again, perhaps with a simpler object phrase or question."
+    else:
+        advice = "Try again or go on without it."
+    message = str(error).rstrip()
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    return f"Error: {message} {advice}"
