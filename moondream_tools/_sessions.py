@@ -82,7 +82,9 @@ class SessionScope:
             raise TypeError(f"http_session must be an aiohttp.ClientSession, got {type(http_session).__name__}")
         self.trust_env = trust_env or (http_session is not None and http_session.trust_env)
         self._borrowed = http_session
-        self._borrowed_loop: asyncio.AbstractEventLoop | None = None
+        # The loop the application's session belongs to (aiohttp keeps it as ClientSession._loop;
+        # tests/core/test_transport.py checks that): calls from any other loop use a private session.
+        self._borrowed_loop: asyncio.AbstractEventLoop | None = getattr(http_session, "_loop", None)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
@@ -119,7 +121,7 @@ class SessionScope:
         if self._borrowed is not None:
             if self._borrowed.closed:
                 raise RuntimeError("the http_session given to this client is closed")
-            if self._borrowed_loop is None:
+            if self._borrowed_loop is None:  # pragma: no cover - aiohttp always records it
                 self._borrowed_loop = loop
             return self._borrowed if self._borrowed_loop is loop else None
         owner = self._session_loop

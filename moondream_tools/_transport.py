@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+from multidict import CIMultiDict
 
 from ._sessions import SessionScope, abandon_session, run_sync
 from ._streaming import Stream, decode_sse
@@ -283,9 +284,9 @@ class Redactor:
             return json.loads(self(json.dumps(body)))
         return body
 
-    def headers(self, headers: Mapping[str, str]) -> dict[str, str]:
-        """Response headers with every secret in their values replaced."""
-        return {name: self(value) for name, value in headers.items()}
+    def headers(self, headers: Mapping[str, str]) -> CIMultiDict[str]:
+        """Response headers (case-insensitive, repeats kept) with every secret in their values replaced."""
+        return CIMultiDict((name, self(value)) for name, value in headers.items())
 
 
 class _Invalid:
@@ -338,7 +339,8 @@ class ServiceProfile:
     Attributes:
         name: the service, e.g. ``"Moondream"``.
         auth_hint / permission_hint / not_found_hint / bad_request_hint / tls_hint: the
-            advice appended to a 401 / 403 / 404 / 400-422 error and a failed TLS handshake.
+            advice appended to a 401 / 403 / 404 / 400-422 error and a failed TLS handshake;
+            ``{base_url}`` in one is replaced by the transport's base URL.
         error_message: extracts the server's words from an error body.
         answer_error: maps an error reported inside a successful JSON answer (Moondream
             Station's HTTP 200 ``{"error": ...}``) to a typed error, or None when the
@@ -366,6 +368,7 @@ def status_error(
     request_id: str | None = None,
     headers: Mapping[str, str] | None = None,
     retry_after: float | None = None,
+    base_url: str = "",
 ) -> APIStatusError:
     """The typed error for an HTTP error status (``body`` already redacted).
 
@@ -392,7 +395,7 @@ def status_error(
         cls, hint = InternalServerError, "The server failed; retry later."
     else:
         cls, hint = APIStatusError, ""
-    message = f"HTTP {status} from {route}{detail}. {hint}".strip()
+    message = f"HTTP {status} from {route}{detail}. {hint.replace('{base_url}', base_url)}".strip()
     return cls(
         message, status_code=status, body=body, request_id=request_id, headers=headers, retry_after=retry_after
     )
@@ -476,7 +479,7 @@ class Transport:
         payload = json.dumps(body).encode()
         sent = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Accept": "text/event-stream",
                 **headers}
-        return self._requests("POST", route, payload, sent, options, self._read_sse(route, stream))
+        return self._requests("POST", route, payload, sent, options, self._read_sse(route, stream), stream)
 
     # ------------------------------------------------------------ the request loop
 
@@ -488,6 +491,7 @@ class Transport:
         headers: dict[str, str],
         options: CallOptions,
         read: ResponseReader[_T],
+        stream: Stream[Any] | None = None,
     ) -> AsyncIterator[_T]:
         """The one request loop: send, read the answer with ``read``, and retry a failure
         that happened before the first item was handed on."""
@@ -495,7 +499,7 @@ class Transport:
         while True:
             started = False
             try:
-                async with aclosing(self._attempt(method, route, payload, headers, options, read)) as items:
+                async with aclosing(self._attempt(method, route, payload, headers, options, read, stream)) as items:
                     async for item in items:
                         started = True
                         yield item
@@ -520,6 +524,7 @@ class Transport:
         headers: dict[str, str],
         options: CallOptions,
         read: ResponseReader[_T],
+        stream: Stream[Any] | None,
     ) -> AsyncIterator[_T]:
         logger.debug("%s %s (%d bytes)", method, route, len(payload or b""))
         try:
@@ -527,6 +532,8 @@ class Transport:
                 async with session.request(
                     method, self.base_url + route, data=payload, headers=headers, timeout=options.timeout._aiohttp()
                 ) as resp:
+                    if stream is not None:  # known to the caller even when this answer is an error
+                        stream.request_id = resp.headers.get(self.profile.request_id_header) or stream.request_id
                     if resp.status >= 400:
                         raise self._status_error(route, resp, await resp.read())
                     async with aclosing(read(resp)) as items:
@@ -568,7 +575,6 @@ class Transport:
 
     def _read_sse(self, route: str, stream: Stream[Any]) -> ResponseReader[dict[str, Any]]:
         async def read(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-            stream.request_id = resp.headers.get(self.profile.request_id_header) or stream.request_id
             try:
                 if resp.content_type != "text/event-stream":
                     data = decode_json(await resp.read())
@@ -603,6 +609,7 @@ class Transport:
             request_id=self._request_id(resp, data),
             headers=self.redactor.headers(resp.headers),
             retry_after=parse_retry_after(resp.headers.get("Retry-After"), self.max_retry_after),
+            base_url=self.base_url,
         )
 
     def _connection_error(self, route: str, exc: BaseException, options: CallOptions) -> APIConnectionError:
@@ -616,7 +623,7 @@ class Transport:
         if isinstance(exc, aiohttp.ClientSSLError):
             return APIConnectionError(
                 f"{route}: the TLS handshake with {self.base_url} failed ({type(exc).__name__}: {reason})."
-                f" {self.profile.tls_hint} Not retried.",
+                f" {self.profile.tls_hint.replace('{base_url}', self.base_url)} Not retried.",
                 retryable=False,
             )
         return APIConnectionError(

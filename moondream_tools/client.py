@@ -100,10 +100,12 @@ _I = TypeVar("_I")
 
 # Moondream Station answers some failures with HTTP 200 and {"error": "..."}. Its known
 # phrasings, matched on word boundaries ("rate" must not match "generate" or "separate").
-_STATION_BUSY = re.compile(r"\b(queue (is )?full|busy|rate limit(ed)?|too many requests|overloaded)\b", re.I)
-_STATION_TIMEOUT = re.compile(r"\b(timed out|time ?out)\b", re.I)
+# A word may go on ("timeouts", "TimeoutError", "rate-limited"); it may not start mid-word.
+_STATION_BUSY = re.compile(r"\b(queue\b|busy\b|rate[- ]?limit|too many requests\b|overloaded\b)", re.I)
+_STATION_TIMEOUT = re.compile(r"\btime(d)?[- ]?out", re.I)
 _STATION_MISSING = re.compile(
-    r"\b(not available|not found|not supported|unsupported|unknown (function|model|skill|route))\b", re.I
+    r"\b(not available|not found|not supported|unsupported|unknown (function|model|skill|capability|route))\b",
+    re.I,
 )
 
 
@@ -144,7 +146,7 @@ MOONDREAM_PROFILE = ServiceProfile(
     name="Moondream",
     auth_hint="Check the API key: set MOONDREAM_API_KEY or pass AsyncMoondream(api_key=...).",
     permission_hint="The API key may not do this: check its plan and permissions in the Moondream console.",
-    not_found_hint="Check base_url and the model name.",
+    not_found_hint="Check base_url ({base_url}) and the model name.",
     bad_request_hint="The server rejected the request: check the arguments (image, object, settings, model).",
     tls_hint=(
         "Check that base_url uses the right scheme (http:// for a local Moondream Station)"
@@ -270,20 +272,38 @@ class AsyncMoondream:
         """The API root every route is appended to."""
         return self._transport.base_url
 
+    @base_url.setter
+    def base_url(self, value: str) -> None:
+        self._transport.base_url = value.strip().rstrip("/")
+
     @property
     def timeout(self) -> Timeout:
-        """The default timeout of every call."""
+        """The default timeout of every call (settable: seconds or a :class:`Timeout`)."""
         return self._transport.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | Timeout) -> None:
+        self._transport.timeout = as_timeout(value, self._transport.timeout)
 
     @property
     def max_retries(self) -> int:
-        """The default number of retries of every call."""
+        """The default number of retries of every call (settable)."""
         return self._transport.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("max_retries must be >= 0")
+        self._transport.max_retries = value
 
     @property
     def max_retry_after(self) -> float:
-        """The longest ``Retry-After`` the client waits, in seconds."""
+        """The longest ``Retry-After`` the client waits, in seconds (settable)."""
         return self._transport.max_retry_after
+
+    @max_retry_after.setter
+    def max_retry_after(self, value: float) -> None:
+        self._transport.max_retry_after = value
 
     @property
     def max_concurrency(self) -> int | None:

@@ -38,8 +38,9 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType
 from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "MoondreamError",
@@ -101,8 +102,8 @@ class APIStatusError(MoondreamError):
         body: the parsed JSON body, or the text of a non-JSON body (truncated), or None;
             any API key in it is replaced by ``[redacted]``.
         request_id: the server's request id when it sent one.
-        headers: the response headers (keys redacted from their values); empty for an
-            error the server reported inside a successful answer.
+        headers: the response headers, read-only and case-insensitive (keys redacted from
+            their values); empty for an error the server reported inside a successful answer.
         retry_after: the server's ``Retry-After`` in seconds (a number or an HTTP date,
             capped by the client's ``max_retry_after``), or None when it sent none.
 
@@ -128,7 +129,7 @@ class APIStatusError(MoondreamError):
         self.status_code = status_code
         self.body = body
         self.request_id = request_id
-        self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
+        self.headers: Mapping[str, str] = CIMultiDictProxy(CIMultiDict(headers or {}))
         self.retry_after = retry_after
 
 

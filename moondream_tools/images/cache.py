@@ -23,7 +23,8 @@ class ImageCache:
     Keys are the image's identity: the content hash of bytes and data URLs, the
     resolved path plus size and modification time of files, the object identity of
     PIL images (do not mutate a PIL image between calls: pass a copy instead), plus
-    the :class:`ImageSettings` used. One cache is shared by every call on a client, so
+    :attr:`ImageSettings.encoding` (what decides the upload; the limits are checked on
+    every use, so callers with different limits share an entry). One cache is shared by every call on a client, so
     several tools on one image decode it once. Thread-safe.
 
     Example::
@@ -94,27 +95,37 @@ class ImageCache:
     async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[PreparedImage]]) -> PreparedImage:
         """The cached image for ``key``, or ``compute()``'s result, stored.
 
-        Concurrent calls for one key on one event loop compute it once: the others wait for
-        that result (or its error).
+        Concurrent calls for one key on one event loop compute it once and the others wait
+        for that result. When the computing call fails or is cancelled, a waiter computes
+        it again itself: the failure may belong to that caller alone (its limits, its
+        cancellation), and a waiter must get the answer its own ``compute`` gives.
         """
-        hit = self.get(key)
-        if hit is not None:
-            return hit
         loop = asyncio.get_running_loop()
-        with self._lock:
-            pending = self._inflight.get(key)
-            if pending is None or pending[0] is not loop:
-                future: asyncio.Future[PreparedImage] = loop.create_future()
-                self._inflight[key] = (loop, future)
-                pending = None
-        if pending is not None:
-            return await asyncio.shield(pending[1])
+        while True:
+            hit = self.get(key)
+            if hit is not None:
+                return hit
+            with self._lock:
+                pending = self._inflight.get(key)
+                if pending is None or pending[0] is not loop:
+                    future: asyncio.Future[PreparedImage] = loop.create_future()
+                    self._inflight[key] = (loop, future)
+                    break
+            try:
+                return await asyncio.shield(pending[1])
+            except asyncio.CancelledError:
+                if not pending[1].cancelled():
+                    raise  # this caller was cancelled, not the one computing
+            except Exception:  # noqa: BLE001 - the other caller's failure: try under our own settings
+                pass
         try:
             prepared = await compute()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
         except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved: waiters re-raise it, nobody else must
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters handle it, nobody else must
             raise
         else:
             self.put(key, prepared)

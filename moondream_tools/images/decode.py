@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
-from .settings import ImageSettings
+from .settings import ImageSettings, SourceFacts
 from .sizing import upload_sizes
 
 #: Worker threads for resizing and encoding (Pillow releases the GIL while it works).
@@ -31,15 +31,17 @@ def _open_checked(data: bytes, settings: ImageSettings) -> Image.Image:
         raise ImageError(f"not an image, or not in an allowed format ({allowed})") from None
     except Exception as exc:  # a corrupt file can make any Pillow plugin fail in any way
         raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
-    frames = 1
-    try:
-        if getattr(img, "is_animated", False):
-            frames = int(getattr(img, "n_frames", 1))
-    except Exception as exc:
-        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
+    frames = _frame_count(img)
     if frames > settings.max_frames:
         raise ImageError(f"image has {frames} frames, over the limit of {settings.max_frames}")
     return img
+
+
+def _frame_count(img: Image.Image) -> int:
+    try:
+        return int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+    except Exception as exc:
+        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
 
 
 def _check_pixels(img: Image.Image, settings: ImageSettings) -> None:
@@ -167,14 +169,18 @@ def _jpeg_data_url(rgb: Image.Image, settings: ImageSettings) -> str:
 
 def _decode_for_upload(
     source: bytes | Image.Image, settings: ImageSettings
-) -> tuple[Image.Image, tuple[int, int], tuple[int, int], tuple[int, int]]:
+) -> tuple[Image.Image, tuple[int, int], tuple[int, int], tuple[int, int], SourceFacts | None]:
     """Decode once, at the larger of the two upload sizes (blocking).
 
-    Returns the upright RGB image, the upright source size, and the skill and segment
-    upload sizes.
+    Returns the upright RGB image, the upright source size, the skill and segment upload
+    sizes, and the facts the limits judge of an encoded source (None for a PIL image).
     """
     owned = not isinstance(source, Image.Image)
     img = _open_checked(source, settings) if owned else source  # type: ignore[arg-type]
+    facts = None
+    if owned:
+        kind = "JPEG" if img.format == "MPO" else img.format
+        facts = SourceFacts(nbytes=len(source), format=kind, frames=_frame_count(img))  # type: ignore[arg-type]
     _check_pixels(img, settings)
     try:  # reading EXIF may read (and fail on) more of a corrupt file
         oriented_size = _oriented_size(img)
@@ -182,4 +188,4 @@ def _decode_for_upload(
         raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
     skill_size, segment_size = upload_sizes(*oriented_size, settings)
     rgb, oriented = _decode(img, owned=owned, min_size=segment_size)
-    return rgb, oriented, skill_size, segment_size
+    return rgb, oriented, skill_size, segment_size, facts

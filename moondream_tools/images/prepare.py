@@ -15,7 +15,7 @@ from ..errors import ImageError
 from .cache import ImageCache, _digest, _source_key
 from .decode import _ENCODER, _decode_for_upload, _jpeg_data_url, _resized
 from .settings import ImageInput, ImageSettings, PreparedImage
-from .sources import _describe, _load_source, sniff_image
+from .sources import _describe, _load_source
 
 
 async def prepare_image(
@@ -28,8 +28,9 @@ async def prepare_image(
     """Turn any :data:`ImageInput` into a :class:`PreparedImage`.
 
     Reading files runs in a thread, downloads use ``session``, decoding and encoding
-    run in a thread. With a ``cache``, an image already prepared with the same settings
-    is returned at once, and concurrent calls for one image decode it once. Errors about
+    run in a thread. With a ``cache``, an image already prepared with the same encoding
+    (:attr:`ImageSettings.encoding`) is returned at once, held to ``settings``' limits, and
+    concurrent calls for one image decode it once. Errors about
     the image are :class:`~moondream_tools.ImageError` with a message saying what is wrong.
     """
     if isinstance(image, PreparedImage):
@@ -62,11 +63,8 @@ def _check_limits(prepared: PreparedImage, settings: ImageSettings, image: Image
             f"image is {prepared.width}x{prepared.height} = {pixels} pixels, over the limit of"
             f" {settings.max_pixels} (raise ImageSettings.max_pixels to allow it)"
         )
-    elif prepared._source_bytes is not None and prepared._source_bytes > settings.max_bytes:
-        problem = f"image is {prepared._source_bytes} bytes, over the limit of {settings.max_bytes}"
-    elif prepared._source_format is not None and prepared._source_format not in settings.formats:
-        allowed = ", ".join(sorted(settings.formats))
-        problem = f"not an image, or not in an allowed format ({allowed})"
+    elif prepared._source is not None:
+        problem = prepared._source.problem(settings)
     if problem is not None:
         raise ImageError(f"{_describe(image)}: {problem}")
     return prepared
@@ -99,7 +97,7 @@ def _encode_in_background(rgb: Image.Image, size: tuple[int, int], settings: Ima
 
 def _prepare_sync(source: bytes | Image.Image, settings: ImageSettings) -> PreparedImage:
     """Decode once, encode the skill payload now and the segment payload in the background."""
-    rgb, oriented, skill_size, segment_size = _decode_for_upload(source, settings)
+    rgb, oriented, skill_size, segment_size, facts = _decode_for_upload(source, settings)
     skill_url = _jpeg_data_url(_resized(rgb, skill_size, split=True), settings)
     segment: str | Future[str]
     if segment_size == skill_size:
@@ -108,7 +106,6 @@ def _prepare_sync(source: bytes | Image.Image, settings: ImageSettings) -> Prepa
         segment = _ENCODER.submit(_encode_in_background, rgb, segment_size, settings)
     else:  # the encoder is busy: encode here, so pending work (and memory) stays bounded
         segment = _jpeg_data_url(_resized(rgb, segment_size), settings)
-    encoded = isinstance(source, bytes)
     return PreparedImage(
         data_url=skill_url,
         width=oriented[0],
@@ -118,6 +115,5 @@ def _prepare_sync(source: bytes | Image.Image, settings: ImageSettings) -> Prepa
         segment_upload_width=segment_size[0],
         segment_upload_height=segment_size[1],
         _segment=segment,
-        _source_bytes=len(source) if encoded else None,
-        _source_format=sniff_image(source) if encoded else None,  # type: ignore[arg-type]
+        _source=facts,
     )

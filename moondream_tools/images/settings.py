@@ -125,6 +125,26 @@ class ImageSettings:
 
 
 @dataclass(frozen=True)
+class SourceFacts:
+    """What :class:`ImageSettings`' limits judge of an encoded image: its size in bytes, its
+    Pillow format (MPO counted as JPEG) and its number of frames."""
+
+    nbytes: int
+    format: str | None
+    frames: int
+
+    def problem(self, settings: ImageSettings) -> str | None:
+        """Why ``settings`` refuse this image, or None."""
+        if self.nbytes > settings.max_bytes:
+            return f"image is {self.nbytes} bytes, over the limit of {settings.max_bytes}"
+        if self.format is not None and self.format not in settings.formats:
+            return f"not an image, or not in an allowed format ({', '.join(sorted(settings.formats))})"
+        if self.frames > settings.max_frames:
+            return f"image has {self.frames} frames, over the limit of {settings.max_frames}"
+        return None
+
+
+@dataclass(frozen=True)
 class PreparedImage:
     """An image ready to send: JPEG data URLs plus the size of the oriented source.
 
@@ -156,10 +176,9 @@ class PreparedImage:
     segment_upload_width: int = 0
     segment_upload_height: int = 0
     _segment: str | Future[str] = field(default="", repr=False, compare=False)
-    #: The encoded source's size in bytes and Pillow format (None for a PIL image or array),
-    #: so a cached image is held to the limits of whoever asks for it next.
-    _source_bytes: int | None = field(default=None, repr=False, compare=False)
-    _source_format: str | None = field(default=None, repr=False, compare=False)
+    #: What the limits judge of the encoded source (None for a PIL image or array), so a
+    #: cached image is held to the limits of whoever asks for it next.
+    _source: SourceFacts | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self._segment:

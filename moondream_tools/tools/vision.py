@@ -218,6 +218,7 @@ class VisionTools:
         self,
         image: str,
         question: str | None = None,
+        *,
         length: CaptionLength = "normal",
         reasoning: bool = False,
     ) -> DescribeResult:
@@ -306,6 +307,7 @@ class VisionTools:
         self,
         image: str,
         object: str,
+        *,
         point: Sequence[float] | None = None,
         box: Sequence[float] | None = None,
     ) -> SegmentResult:

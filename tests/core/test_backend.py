@@ -30,7 +30,7 @@ from moondream_tools import (
     tool_error_text,
 )
 from moondream_tools.backend import require_skill
-from moondream_tools.images import ImageCache, upload_sizes
+from moondream_tools.images import ImageCache, prepare_image, upload_sizes
 from moondream_tools.testing import FakeMoondream, Scene, Shape
 
 PACKAGE = Path(moondream_tools.__file__).parent
@@ -326,3 +326,55 @@ def test_public_surface() -> None:
     assert len(moondream_tools.__all__) == len(expected), "no name twice"
     assert all(hasattr(moondream_tools, name) for name in expected)
     assert not hasattr(moondream_tools, "Settings"), "renamed to SamplingSettings"
+
+
+async def test_concurrent_callers_with_different_limits_each_get_their_own_answer(tmp_path: Path) -> None:
+    path = tmp_path / "scene.png"
+    SCENE.render().save(path)  # 900 x 600 = 540,000 px
+    cache = ImageCache()
+    strict, loose = ImageSettings(max_pixels=100_000), ImageSettings()
+    outcomes = await asyncio.gather(
+        prepare_image(path, settings=strict, cache=cache),
+        prepare_image(path, settings=loose, cache=cache),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], ImageError) and "over the limit of 100000" in str(outcomes[0])
+    assert isinstance(outcomes[1], PreparedImage) and outcomes[1].size.width == 900
+    assert len(cache) == 1
+
+
+async def test_a_cached_image_is_held_to_the_askers_frame_and_format_limits(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (64, 48), (i * 20, 0, 0)) for i in range(12)]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    cache = ImageCache()
+    assert (await prepare_image(gif, settings=ImageSettings(), cache=cache)).width == 64
+    with pytest.raises(ImageError, match="12 frames, over the limit of 10"):
+        await prepare_image(gif, settings=ImageSettings(max_frames=10), cache=cache)
+    with pytest.raises(ImageError, match="allowed format"):
+        await prepare_image(gif, settings=ImageSettings(formats=frozenset({"PNG", "JPEG"})), cache=cache)
+    assert len(cache) == 1
+
+
+async def test_cancelling_the_caller_that_prepares_an_image_does_not_cancel_the_others() -> None:
+    cache = ImageCache()
+    started = asyncio.Event()
+    runs: list[str] = []
+
+    def compute_as(name: str) -> Any:
+        async def compute() -> PreparedImage:
+            runs.append(name)
+            started.set()
+            await asyncio.sleep(0.05)
+            return PreparedImage(data_url="data:,", width=1, height=1, upload_width=1, upload_height=1)
+
+        return compute
+
+    owner = asyncio.create_task(cache.get_or_compute("k", compute_as("owner")))
+    await started.wait()
+    waiter = asyncio.create_task(cache.get_or_compute("k", compute_as("waiter")))
+    await asyncio.sleep(0)
+    owner.cancel()
+    result = await waiter
+    assert owner.cancelled() and result.width == 1 and runs == ["owner", "waiter"]
+    assert cache.get("k") is result

@@ -413,7 +413,7 @@ async def test_connection_refused(fake: FakeMoondream, delays: list[float]) -> N
         assert "could not talk to" in message and "Check base_url" in message
         assert len(delays) == DEFAULT_ATTEMPTS - 1, "connection errors are retried"
         # The same client works once pointed at a live server: the pool is not broken.
-        client._transport.base_url = fake.base_url
+        client.base_url = fake.base_url
         await still_usable(client, fake)
 
 
@@ -449,7 +449,7 @@ async def test_dns_failure(fake: FakeMoondream, delays: list[float]) -> None:
         message = str(info.value)
         assert "/detect" in message and host in message and "Check base_url" in message
         assert len(delays) == DEFAULT_ATTEMPTS - 1
-        client._transport.base_url = fake.base_url
+        client.base_url = fake.base_url
         await still_usable(client, fake)
 
 
@@ -465,7 +465,7 @@ async def test_tls_error_https_to_a_plain_http_port(fake: FakeMoondream, delays:
         # TLS failure cannot succeed on a second try: it is not retried.
         assert fake.requests == []
         assert delays == []
-        client._transport.base_url = fake.base_url
+        client.base_url = fake.base_url
         await still_usable(client, fake)
 
 
@@ -506,7 +506,7 @@ async def test_server_closes_without_answering(
         message = str(info.value)
         assert "/detect" in message and "Server disconnected" in message and "Check base_url" in message
         assert len(connections) == DEFAULT_ATTEMPTS
-        client._transport.base_url = fake.base_url
+        client.base_url = fake.base_url
         await still_usable(client, fake)
 
 

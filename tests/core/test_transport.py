@@ -230,6 +230,22 @@ def test_a_borrowed_session_is_not_used_from_a_sync_call(threaded_fake: FakeMoon
     assert [r.headers.get("X-Application") for r in threaded_fake.requests] == ["mine", None]
 
 
+def test_a_borrowed_session_belongs_to_its_own_loop_even_when_another_loop_calls_first(
+    threaded_fake: FakeMoondream,
+) -> None:
+    async def main() -> None:
+        async with aiohttp.ClientSession(headers={"X-Application": "mine"}) as session:
+            md = AsyncMoondream(api_key=threaded_fake.api_key, base_url=threaded_fake.base_url, http_session=session)
+            # The first call comes from a worker thread's own loop: it must not claim the session.
+            first = await asyncio.to_thread(lambda: asyncio.run(md.detect(SCENE.render(), "circle")))
+            second = await md.detect(SCENE.render(), "circle")
+            assert len(first.objects) == len(second.objects) == 1
+            await md.aclose()
+
+    asyncio.run(main())
+    assert [r.headers.get("X-Application") for r in threaded_fake.requests] == [None, "mine"]
+
+
 def test_http_session_must_be_an_aiohttp_session() -> None:
     with pytest.raises(TypeError, match="aiohttp.ClientSession"):
         AsyncMoondream(base_url="http://localhost:2020/v1", http_session=object())  # type: ignore[arg-type]
@@ -253,6 +269,7 @@ def test_aiohttp_internals_that_abandon_session_relies_on(threaded_fake: FakeMoo
         connector = session.connector
         assert connector is not None
         assert hasattr(connector, "_conns") and hasattr(connector, "_acquired") and callable(connector._close)
+        assert session._loop is asyncio.get_running_loop(), "SessionScope reads a borrowed session's loop"
         async with session.get(threaded_fake.url + "/v1/models") as resp:
             await resp.read()
         pooled = [entry for entries in connector._conns.values() for entry in entries]
@@ -274,3 +291,53 @@ def test_json_bodies_are_redacted_before_the_error_is_built() -> None:
     redact = transport_module.Redactor("sk-secret")
     body = redact.body({"error": {"message": "bad key sk-secret"}, "n": [1, "sk-secret"]})
     assert json.dumps(body).count("sk-secret") == 0 and body["n"] == [1, "[redacted]"]
+
+
+@pytest.mark.parametrize(
+    ("phrase", "expected"),
+    [
+        ("rate-limited, try later", RateLimitError),
+        ("Queue limit reached", RateLimitError),
+        ("TimeoutError: inference exceeded 60s", APITimeoutError),
+        ("inference timeouts", APITimeoutError),
+        ("Unknown capability 'segment'", NotFoundError),
+        ("Unknown error", APIStatusError),
+    ],
+)
+def test_station_words_may_go_on_but_not_start_mid_word(phrase: str, expected: type[Exception]) -> None:
+    assert type(station_error("/detect", {"error": phrase}, None)) is expected
+
+
+async def test_a_streams_request_id_is_known_when_it_fails_with_an_http_error() -> None:
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=503, headers={"X-Request-ID": "rid-503"})
+
+    app = web.Application()
+    app.router.add_post("/v1/caption", busy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        async with AsyncMoondream(base_url=f"http://127.0.0.1:{port}/v1", max_retries=0) as md:
+            stream = md.stream_caption(SCENE.render())
+            with pytest.raises(InternalServerError) as info:
+                async for _ in stream:
+                    pass
+        assert stream.request_id == info.value.request_id == "rid-503"
+        assert info.value.headers["x-request-id"] == "rid-503", "headers are case-insensitive"
+    finally:
+        await runner.cleanup()
+
+
+async def test_client_settings_stay_settable_and_a_404_names_the_base_url(fake: FakeMoondream) -> None:
+    async with AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url + "/nope") as md:
+        md.max_retries = 0
+        md.timeout = 5
+        assert (md.max_retries, md.timeout.total) == (0, 5.0)
+        with pytest.raises(NotFoundError, match=r"Check base_url \(http://127\.0\.0\.1:\d+/v1/nope\)"):
+            await md.detect(SCENE.render(), "circle")
+        md.base_url = fake.base_url + "/"
+        assert len((await md.detect(SCENE.render(), "circle")).objects) == 1
+        with pytest.raises(ValueError):
+            md.max_retries = -1
