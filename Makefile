@@ -12,8 +12,10 @@ STAMP  := $(VENV)/.installed
 OFFICIAL_MOONDREAM := tests/requirements-official-client.txt
 # The runner of the other Pythons' sessions (noxfile.py), installed into .venv.
 NOX := nox>=2025.5.1
-# Python versions that `make test` runs through nox after 3.11 in .venv.
-NOX_PYTHONS := 3.12 3.13
+# Every Python `make test` covers: the one .venv was made with (3.11 on CI) runs the suite in
+# .venv, each other one runs it in a nox session (noxfile.py).
+ALL_PYTHONS := 3.11 3.12 3.13
+OTHER_SESSIONS = $$($(BIN)/python -c 'import sys; v = "%d.%d" % sys.version_info[:2]; print(" ".join("tests-" + p for p in "$(ALL_PYTHONS)".split() if p != v))')
 INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
 
 .PHONY: demo test bench fuzz install clean
@@ -32,7 +34,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(BIN)/nox --non-interactive --sessions $(addprefix tests-,$(NOX_PYTHONS)) -- $(PYTEST_ARGS)
+	$(BIN)/nox --non-interactive --sessions $(OTHER_SESSIONS) -- $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
