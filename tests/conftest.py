@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from moondream_tools import AsyncMoondream
+from moondream_tools import _transport as transport_module
 from moondream_tools.testing import FakeMoondream
 
 #: ../shared beside the checkout (CI puts it there).
@@ -22,6 +23,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared test data not found at {SHARED_DATA}; ../shared must sit beside the checkout")
     return SHARED_DATA
+
+
+@pytest.fixture
+def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record retry backoff delays instead of sleeping them."""
+    recorded: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        recorded.append(seconds)
+
+    monkeypatch.setattr(transport_module, "_sleep", fake_sleep)
+    return recorded
 
 
 @pytest.fixture

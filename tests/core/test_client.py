@@ -32,7 +32,6 @@ from moondream_tools import (
     Timeout,
     __version__,
 )
-from moondream_tools import _transport as transport_module
 from moondream_tools.testing import FakeMoondream, Scene, Shape
 
 SKILL_ROUTES = ("/v1/caption", "/v1/query", "/v1/detect", "/v1/point", "/v1/segment")
@@ -48,18 +47,6 @@ def three_shapes() -> Scene:
             Shape("triangle", "yellow", (320, 360), 120),
         ],
     )
-
-
-@pytest.fixture
-def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record retry backoff delays instead of sleeping them."""
-    recorded: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        recorded.append(seconds)
-
-    monkeypatch.setattr(transport_module, "_sleep", fake_sleep)
-    return recorded
 
 
 # ------------------------------------------------------------------ configuration

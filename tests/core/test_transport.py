@@ -31,17 +31,6 @@ from moondream_tools.testing import FakeMoondream, Scene, Shape
 SCENE = Scene(320, 240, [Shape("circle", "red", (100, 100), 60)])
 
 
-@pytest.fixture
-def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    recorded: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        recorded.append(seconds)
-
-    monkeypatch.setattr(transport_module, "_sleep", fake_sleep)
-    return recorded
-
-
 # ------------------------------------------------------------------ the retry decision
 
 
