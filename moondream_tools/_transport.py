@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import io
 import json
 import logging
 import random
+import secrets
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
@@ -47,6 +50,7 @@ from multidict import CIMultiDict
 from ._sessions import SessionScope, abandon_session, run_sync
 from ._streaming import Stream, decode_sse
 from ._version import __version__
+from .images import ReferenceKind, read_response_capped, reference_kind
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -74,6 +78,7 @@ __all__ = [
     "abandon_session",
     "as_timeout",
     "decode_json",
+    "encode_multipart",
     "error_message",
     "parse_retry_after",
     "retry_delay",
@@ -204,6 +209,36 @@ class Limiter:
 # ---------------------------------------------------------------------- retries
 
 
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def encode_multipart(fields: Mapping[str, str], files: Mapping[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body, encoded once so a retry can send it again.
+
+    ``files`` maps a field to ``(file name, bytes, content type)``. Returns the body and
+    its ``Content-Type`` (with the boundary).
+
+    >>> body, kind = encode_multipart({"prompt": "car"}, {"image": ("a.jpg", b"...", "image/jpeg")})
+    >>> kind.startswith("multipart/form-data; boundary="), b'name="prompt"' in body
+    (True, True)
+    """
+    boundary = f"moondream-tools-{secrets.token_hex(12)}"
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+        out.write(value.encode() + b"\r\n")
+    for name, (filename, data, content_type) in files.items():
+        out.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n".encode()
+        )
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
 def parse_retry_after(value: str | None, cap: float) -> float | None:
     """``Retry-After`` as seconds (number or HTTP date), capped; None when absent/invalid.
 
@@ -231,6 +266,7 @@ def retry_delay(
     attempt: int,
     max_retries: int,
     *,
+    retryable: bool | None = None,
     jitter: Callable[[float, float], float] = random.uniform,
 ) -> float | None:
     """Seconds to wait before retrying after ``error`` on attempt ``attempt`` (from 0), or None.
@@ -239,16 +275,18 @@ def retry_delay(
     :data:`RETRY_STATUSES`, and any :class:`RateLimitError` (such as Station's "queue full").
     The server's ``Retry-After`` (:attr:`APIStatusError.retry_after`) is the delay when it
     sent one; otherwise exponential backoff with full jitter (0.5 s doubling, capped at 8 s).
+    ``retryable`` is the service's own verdict on an error status when it gives one (fal's
+    ``X-Fal-Retryable`` header): True retries any status, False none.
 
     >>> from moondream_tools.errors import InternalServerError
     >>> error = InternalServerError("HTTP 503", status_code=503, retry_after=2.0)
     >>> retry_delay(error, 0, 2), retry_delay(error, 2, 2)
     (2.0, None)
     """
-    if attempt >= max_retries:
+    if attempt >= max_retries or retryable is False:
         return None
     if isinstance(error, APIStatusError):
-        if not (error.status_code in RETRY_STATUSES or isinstance(error, RateLimitError)):
+        if not (retryable or error.status_code in RETRY_STATUSES or isinstance(error, RateLimitError)):
             return None
         if error.retry_after is not None:
             return error.retry_after
@@ -346,6 +384,10 @@ class ServiceProfile:
             Station's HTTP 200 ``{"error": ...}``) to a typed error, or None when the
             answer is not an error. Gets the route, the redacted body and the request id.
         request_id_header: the response header that carries the request id.
+        retryable: the service's own verdict on whether an error status may be retried
+            (e.g. fal's ``X-Fal-Retryable`` header), or None to decide by status.
+        error_class: a service-specific error class for a status and the body's error
+            type (e.g. AIgateway's 402 ``insufficient_credits``), or None for the default.
     """
 
     name: str
@@ -357,6 +399,8 @@ class ServiceProfile:
     error_message: Callable[[Any], str] = error_message
     answer_error: AnswerErrorMapper | None = None
     request_id_header: str = "X-Request-Id"
+    retryable: Callable[[APIStatusError], bool | None] | None = None
+    error_class: Callable[[int, Any], tuple[type[APIStatusError], str] | None] | None = None
 
 
 def status_error(
@@ -381,7 +425,10 @@ def status_error(
     server_message = profile.error_message(body)
     detail = f": {server_message}" if server_message else ""
     cls: type[APIStatusError]
-    if status in (400, 422):
+    special = profile.error_class(status, body) if profile.error_class is not None else None
+    if special is not None:
+        cls, hint = special
+    elif status in (400, 422):
         cls, hint = BadRequestError, profile.bad_request_hint
     elif status == 401:
         cls, hint = AuthenticationError, profile.auth_hint
@@ -418,6 +465,9 @@ class Transport:
         timeout / max_retries / max_retry_after: the defaults of every call.
         limiter: concurrency and pacing (:class:`Limiter`).
         sessions: the session scope (:class:`SessionScope`).
+        other_origins: further ``scheme://host[:port]`` origins a request may go to by
+            absolute URL (fal's queue answers with the URLs to poll); auth headers are never
+            sent anywhere else.
     """
 
     base_url: str
@@ -428,6 +478,7 @@ class Transport:
     max_retry_after: float = 60.0
     limiter: Limiter = field(default_factory=lambda: Limiter(DEFAULT_MAX_CONCURRENCY, None))
     sessions: SessionScope = field(default_factory=SessionScope)
+    other_origins: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -444,6 +495,34 @@ class Transport:
         """Close the pooled session."""
         await self.sessions.aclose()
 
+    def url(self, route: str) -> str:
+        """The URL of ``route``: appended to ``base_url``, or an absolute URL on an allowed origin."""
+        if reference_kind(route) is not ReferenceKind.URL:
+            return self.base_url + route
+        allowed = {_origin(self.base_url), *self.other_origins}
+        if _origin(route) not in allowed:
+            raise ResponseError(
+                f"the server sent a URL on another host ({_origin(route)}); only"
+                f" {', '.join(sorted(allowed))} get this client's requests"
+            )
+        return route
+
+    async def download(self, url: str, *, max_bytes: int, options: CallOptions) -> bytes:
+        """GET ``url`` without auth headers (a presigned or file URL), capped at ``max_bytes``.
+
+        Only http(s) URLs; a failed or oversized download is a :class:`ResponseError`.
+        """
+        if reference_kind(url) is not ReferenceKind.URL:
+            raise ResponseError(f"the server sent a file URL that is not http(s): {url[:60]!r}")
+        try:
+            async with self.sessions.session() as session:
+                async with session.get(url, timeout=options.timeout._aiohttp()) as resp:
+                    return await read_response_capped(resp, max_bytes, url)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self._connection_error(url.split("?")[0], exc, options) from None
+        except MoondreamError as exc:  # ImageError from the capped reader
+            raise ResponseError(f"the file at {url.split('?')[0]!r} could not be downloaded: {exc}") from None
+
     # ------------------------------------------------------------ public requests
 
     async def request_json(
@@ -454,10 +533,20 @@ class Transport:
         *,
         headers: Mapping[str, str],
         options: CallOptions,
+        content: tuple[bytes, str] | None = None,
     ) -> tuple[dict[str, Any], str | None]:
-        """Send a JSON request (with retries); return the JSON object and the request id."""
-        payload = json.dumps(body).encode() if body is not None else None
-        sent = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **headers}
+        """Send a request (with retries); return the JSON object answered and the request id.
+
+        ``route`` is appended to ``base_url``, or is an absolute URL on one of the
+        transport's origins. The body is ``body`` as JSON, or ``content`` as
+        ``(bytes, content type)`` (e.g. from :func:`encode_multipart`).
+        """
+        if content is not None:
+            payload, content_type = content
+        else:
+            payload = json.dumps(body).encode() if body is not None else None
+            content_type = "application/json"
+        sent = {"Content-Type": content_type, "User-Agent": USER_AGENT, **headers}
         async with aclosing(self._requests(method, route, payload, sent, options, self._read_json(route))) as answers:
             async for answer in answers:
                 return answer
@@ -505,7 +594,10 @@ class Transport:
                         yield item
                 return
             except MoondreamError as error:
-                delay = None if started else retry_delay(error, attempt, options.max_retries)
+                verdict = None
+                if self.profile.retryable is not None and isinstance(error, APIStatusError):
+                    verdict = self.profile.retryable(error)
+                delay = None if started else retry_delay(error, attempt, options.max_retries, retryable=verdict)
                 if delay is None:
                     raise
                 if isinstance(error, RateLimitError):
@@ -530,7 +622,7 @@ class Transport:
         try:
             async with self.limiter.slot(), self.sessions.session() as session:
                 async with session.request(
-                    method, self.base_url + route, data=payload, headers=headers, timeout=options.timeout._aiohttp()
+                    method, self.url(route), data=payload, headers=headers, timeout=options.timeout._aiohttp()
                 ) as resp:
                     if stream is not None:  # known to the caller even when this answer is an error
                         stream.request_id = resp.headers.get(self.profile.request_id_header) or stream.request_id

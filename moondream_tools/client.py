@@ -28,9 +28,7 @@ Example::
 
 from __future__ import annotations
 
-import os
 import re
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, Literal, TypeVar
@@ -38,18 +36,9 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 
 from ._concurrency import map_concurrently
+from ._http_backend import HttpBackend
 from ._streaming import EventConverter, SegmentStreamState, Stream, chat_events, text_events
-from ._transport import (
-    DEFAULT_MAX_CONCURRENCY,
-    CallOptions,
-    Limiter,
-    Redactor,
-    ServiceProfile,
-    SessionScope,
-    Timeout,
-    Transport,
-    as_timeout,
-)
+from ._transport import DEFAULT_MAX_CONCURRENCY, CallOptions, ServiceProfile, Timeout
 from .backend import (
     SKILLS,
     CaptionLength,
@@ -64,13 +53,12 @@ from .backend import (
 from .errors import (
     APIStatusError,
     APITimeoutError,
-    ConfigurationError,
     MoondreamError,
     NotFoundError,
     RateLimitError,
     ResponseError,
 )
-from .images import ImageCache, ImageInput, ImageSettings, PreparedImage, ReferenceKind, prepare_image, reference_kind
+from .images import ImageInput, ImageSettings, PreparedImage
 from .results import (
     Answer,
     Caption,
@@ -156,7 +144,7 @@ MOONDREAM_PROFILE = ServiceProfile(
 )
 
 
-class AsyncMoondream:
+class AsyncMoondream(HttpBackend):
     """Async client for Moondream Cloud, Moondream Station or any server with the same API.
 
     Configuration is taken from the arguments, then the environment
@@ -212,6 +200,11 @@ class AsyncMoondream:
     #: Moondream has every skill.
     skills: frozenset[str] = SKILLS
 
+    KEY_ENV = "MOONDREAM_API_KEY"
+    BASE_URL_ENV = "MOONDREAM_BASE_URL"
+    DEFAULT_BASE_URL = DEFAULT_BASE_URL
+    PROFILE = MOONDREAM_PROFILE
+
     def __init__(
         self,
         api_key: str | None = None,
@@ -228,38 +221,31 @@ class AsyncMoondream:
         trust_env: bool = False,
         http_session: aiohttp.ClientSession | None = None,
     ) -> None:
-        key = api_key if api_key is not None else os.environ.get("MOONDREAM_API_KEY")
-        url = base_url if base_url is not None else os.environ.get("MOONDREAM_BASE_URL")
-        url = (url or DEFAULT_BASE_URL).strip().rstrip("/")
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigurationError(
-                f"base_url must be an http(s) URL such as {DEFAULT_BASE_URL} or"
-                f" http://localhost:2020/v1, got {url!r}"
-            )
-        self._api_key: str | None = key.strip() if key and key.strip() else None
-        if self._api_key is None and parsed.hostname in _CLOUD_HOSTS:
-            raise ConfigurationError(
-                "No Moondream API key. Set the MOONDREAM_API_KEY environment variable or pass"
-                " AsyncMoondream(api_key=...); keys are at https://moondream.ai/c/cloud/api-keys."
-                " For a local Moondream Station, set MOONDREAM_BASE_URL=http://localhost:2020/v1"
-                " (no key needed)."
-            )
-        self.model = model
-        self.image_settings = image_settings or ImageSettings()
-        self.image_cache = ImageCache(image_cache_bytes)
-        self._transport = Transport(
-            base_url=url,
-            profile=MOONDREAM_PROFILE,
-            redactor=Redactor(self._api_key),
-            timeout=as_timeout(timeout, Timeout()),
+        super().__init__(
+            api_key,
+            base_url=base_url,
+            timeout=timeout,
             max_retries=max_retries,
             max_retry_after=max_retry_after,
-            limiter=Limiter(max_concurrency, requests_per_second),
-            sessions=SessionScope(trust_env=trust_env, http_session=http_session),
+            max_concurrency=max_concurrency,
+            requests_per_second=requests_per_second,
+            image_settings=image_settings,
+            image_cache_bytes=image_cache_bytes,
+            trust_env=trust_env,
+            http_session=http_session,
         )
+        self.model = model
 
-    # ------------------------------------------------------------------ lifecycle
+    def _key_required(self, host: str) -> bool:
+        return host in _CLOUD_HOSTS
+
+    def _missing_key_message(self) -> str:
+        return (
+            "No Moondream API key. Set the MOONDREAM_API_KEY environment variable or pass"
+            " AsyncMoondream(api_key=...); keys are at https://moondream.ai/c/cloud/api-keys."
+            " For a local Moondream Station, set MOONDREAM_BASE_URL=http://localhost:2020/v1"
+            " (no key needed)."
+        )
 
     def __repr__(self) -> str:
         return (
@@ -267,66 +253,8 @@ class AsyncMoondream:
             f" api_key={'set' if self._api_key else 'not set'})"
         )
 
-    @property
-    def base_url(self) -> str:
-        """The API root every route is appended to."""
-        return self._transport.base_url
-
-    @base_url.setter
-    def base_url(self, value: str) -> None:
-        self._transport.base_url = value.strip().rstrip("/")
-
-    @property
-    def timeout(self) -> Timeout:
-        """The default timeout of every call (settable: seconds or a :class:`Timeout`)."""
-        return self._transport.timeout
-
-    @timeout.setter
-    def timeout(self, value: float | Timeout) -> None:
-        self._transport.timeout = as_timeout(value, self._transport.timeout)
-
-    @property
-    def max_retries(self) -> int:
-        """The default number of retries of every call (settable)."""
-        return self._transport.max_retries
-
-    @max_retries.setter
-    def max_retries(self, value: int) -> None:
-        if value < 0:
-            raise ValueError("max_retries must be >= 0")
-        self._transport.max_retries = value
-
-    @property
-    def max_retry_after(self) -> float:
-        """The longest ``Retry-After`` the client waits, in seconds (settable)."""
-        return self._transport.max_retry_after
-
-    @max_retry_after.setter
-    def max_retry_after(self, value: float) -> None:
-        self._transport.max_retry_after = value
-
-    @property
-    def max_concurrency(self) -> int | None:
-        """Requests of this client in flight at once per event loop (None: no limit)."""
-        return self._transport.limiter.max_concurrency
-
-    @property
-    def has_api_key(self) -> bool:
-        """Whether requests carry an API key."""
-        return self._api_key is not None
-
     async def __aenter__(self) -> AsyncMoondream:
         return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the pooled session and its connections (never a borrowed ``http_session``).
-
-        The client cannot be used after.
-        """
-        await self._transport.aclose()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -378,24 +306,6 @@ class AsyncMoondream:
             raise ResponseError(f"{route}: the stream ended before its final event", request_id=stream.request_id)
 
         return Stream(events)
-
-    async def prepare(self, image: ImageInput, *, settings: ImageSettings | None = None) -> PreparedImage:
-        """Decode, orient and encode an image once, to send it in several calls.
-
-        ``settings`` overrides the client's :class:`ImageSettings` for this image (e.g.
-        tighter limits for images named by an agent).
-
-        Example::
-
-            prepared = await md.prepare("photo.jpg")
-            cars = await md.detect(prepared, "car")
-            people = await md.point(prepared, "person")
-        """
-        settings = settings or self.image_settings
-        if isinstance(image, str) and reference_kind(image) is ReferenceKind.URL:
-            async with self._transport.sessions.session() as session:
-                return await prepare_image(image, settings=settings, session=session, cache=self.image_cache)
-        return await prepare_image(image, settings=settings, cache=self.image_cache)
 
     async def map(
         self,

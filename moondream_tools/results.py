@@ -61,6 +61,7 @@ __all__ = [
     "SegmentEvent",
     "ChatResult",
     "ModelInfo",
+    "Usage",
 ]
 
 
@@ -141,9 +142,42 @@ class Point(_Frozen):
         return PixelPoint(x=x, y=y)
 
 
+class Usage(_Frozen):
+    """What a call cost and how long the model took, when the service says.
+
+    fal.ai reports ``usage_info`` on every answer (tokens, time to first token, prefill and
+    decode time); the OpenAI-shaped chat endpoint reports ``usage`` with ``prompt_tokens``
+    and ``completion_tokens``, read here as ``input_tokens`` and ``output_tokens``.
+
+    Example::
+
+        result = await fal.detect("street.jpg", "car")
+        if result.usage is not None:
+            print(result.usage.input_tokens, result.usage.ttft_ms)
+    """
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    ttft_ms: float | None = None
+    prefill_time_ms: float | None = None
+    decode_time_ms: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            data.setdefault("input_tokens", data.get("prompt_tokens"))
+            data.setdefault("output_tokens", data.get("completion_tokens"))
+            data = {k: v for k, v in data.items() if v is not None}
+        return data
+
+
 class _Result(_Frozen):
     request_id: str | None = None
     image_size: ImageSize | None = None
+    usage: Usage | None = None
 
 
 class GroundingSpan(_Frozen):
@@ -471,7 +505,7 @@ class ChatResult(_Frozen):
     reasoning: str | None = None
     finish_reason: str | None = None
     model: str | None = None
-    usage: dict[str, Any] | None = None
+    usage: Usage | None = None
     request_id: str | None = None
 
 
