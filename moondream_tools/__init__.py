@@ -15,6 +15,7 @@ from ._transport import Timeout, run_sync
 from ._version import __version__
 from .backend import SKILLS, CaptionLength, SamplingSettings, SpatialRef, VisionBackend
 from .client import DEFAULT_BASE_URL, AsyncMoondream
+from .providers import AIGatewaySegmenter, FalMoondream, FalSam3
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -27,6 +28,7 @@ from .errors import (
     MoondreamError,
     NotFoundError,
     PermissionDeniedError,
+    InsufficientCreditsError,
     RateLimitError,
     ResponseError,
     ToolArgumentsError,
@@ -67,6 +69,7 @@ from .results import (
     SegmentFinalEvent,
     Segmentation,
     SegmentPathDeltaEvent,
+    Usage,
 )
 
 __all__ = [
@@ -79,6 +82,9 @@ __all__ = [
     "SpatialRef",
     "AsyncMoondream",
     "DEFAULT_BASE_URL",
+    "FalMoondream",
+    "FalSam3",
+    "AIGatewaySegmenter",
     "Stream",
     "Timeout",
     "run_sync",
@@ -120,6 +126,7 @@ __all__ = [
     "SegmentFinalEvent",
     "Segmentation",
     "SegmentPathDeltaEvent",
+    "Usage",
     # errors
     "MoondreamError",
     "ConfigurationError",
@@ -129,6 +136,7 @@ __all__ = [
     "BadRequestError",
     "AuthenticationError",
     "PermissionDeniedError",
+    "InsufficientCreditsError",
     "NotFoundError",
     "RateLimitError",
     "InternalServerError",

@@ -79,6 +79,7 @@ __all__ = [
     "as_timeout",
     "decode_json",
     "encode_multipart",
+    "origin_of",
     "error_message",
     "parse_retry_after",
     "retry_delay",
@@ -209,7 +210,8 @@ class Limiter:
 # ---------------------------------------------------------------------- retries
 
 
-def _origin(url: str) -> str:
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, lower-cased."""
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
 
@@ -499,10 +501,10 @@ class Transport:
         """The URL of ``route``: appended to ``base_url``, or an absolute URL on an allowed origin."""
         if reference_kind(route) is not ReferenceKind.URL:
             return self.base_url + route
-        allowed = {_origin(self.base_url), *self.other_origins}
-        if _origin(route) not in allowed:
+        allowed = {origin_of(self.base_url), *self.other_origins}
+        if origin_of(route) not in allowed:
             raise ResponseError(
-                f"the server sent a URL on another host ({_origin(route)}); only"
+                f"the server sent a URL on another host ({origin_of(route)}); only"
                 f" {', '.join(sorted(allowed))} get this client's requests"
             )
         return route

@@ -48,9 +48,10 @@ __all__ = [
     "require_skill",
 ]
 
-Skill = Literal["caption", "query", "detect", "point", "segment"]
-#: Every skill a backend may have.
-SKILLS: frozenset[str] = frozenset({"caption", "query", "detect", "point", "segment"})
+Skill = Literal["caption", "query", "detect", "point", "segment", "chat"]
+#: Every skill a backend may have. "chat" (several images in one question) is optional: a
+#: backend that lists it has an OpenAI-shaped ``chat(messages, *, reasoning=None, ...)``.
+SKILLS: frozenset[str] = frozenset({"caption", "query", "detect", "point", "segment", "chat"})
 
 SpatialRef = Sequence[float]
 """A normalized point ``[x, y]`` or box ``[x_min, y_min, x_max, y_max]``, each in [0, 1]."""

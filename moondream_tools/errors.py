@@ -13,6 +13,7 @@ real bugs propagate. No message, repr or attribute ever contains the API key.
     ├── APIStatusError            the server answered with an error (HTTP status, body, request_id)
     │   ├── BadRequestError       400, 422: the request was rejected as invalid
     │   ├── AuthenticationError   401: missing or wrong API key
+    │   ├── InsufficientCreditsError 402: the prepaid balance is empty (AIgateway)
     │   ├── PermissionDeniedError 403: the key may not do this
     │   ├── NotFoundError         404: unknown route, model or skill
     │   ├── RateLimitError        429: too many requests (retried)
@@ -51,6 +52,7 @@ __all__ = [
     "BadRequestError",
     "AuthenticationError",
     "PermissionDeniedError",
+    "InsufficientCreditsError",
     "NotFoundError",
     "RateLimitError",
     "InternalServerError",
@@ -139,6 +141,10 @@ class BadRequestError(APIStatusError):
 
 class AuthenticationError(APIStatusError):
     """HTTP 401: the API key is missing or wrong."""
+
+
+class InsufficientCreditsError(APIStatusError):
+    """HTTP 402: the account's prepaid balance is empty. Not retried: top up first."""
 
 
 class PermissionDeniedError(APIStatusError):

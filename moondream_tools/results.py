@@ -29,12 +29,18 @@ from .errors import ResponseError
 from .geometry import (
     Ring,
     box_to_pixels,
+    mask_bbox,
+    mask_to_rings,
     mask_to_rle,
+    mask_union,
     nest_rings,
     point_to_pixels,
     rasterize,
+    reading_order,
     ring_area,
+    rle_to_mask,
     rle_to_string,
+    scale_rings,
     segment_rings,
 )
 
@@ -305,12 +311,16 @@ class Points(_Result):
 
 
 class Segmentation(_Result):
-    """A segmentation mask: Moondream's path plus everything code needs from it.
+    """A segmentation mask: Moondream's path, or a raster mask, plus everything code needs.
 
-    ``path`` is SVG path data whose coordinates are normalized to ``bbox`` (not to the
-    image); ``bbox`` is normalized to the image. An empty ``path`` with ``bbox=None``
-    means nothing matching was found. Pixel values are in the oriented image
-    (``image_size``); holes and islands follow the even-odd rule.
+    From Moondream, ``path`` is SVG path data whose coordinates are normalized to ``bbox``
+    (not to the image); ``bbox`` is normalized to the image. From a model that answers with
+    mask images (SAM 3), ``mask_rle`` holds the mask exactly (COCO RLE at the mask's own
+    size, ``mask_size``), ``path`` is empty, and ``instances`` holds each mask the model
+    returned, with its ``score``, in reading order (this segmentation is their union). Both
+    kinds have the same surface below. An empty result (``found`` False) means nothing
+    matching was found. Pixel values are in the oriented image (``image_size``); holes and
+    islands follow the even-odd rule.
 
     ``partial`` marks the coarse mask of a stream in progress: its path may end
     mid-command, and only its complete commands are drawn.
@@ -328,6 +338,9 @@ class Segmentation(_Result):
     bbox: Box | None = None
     object: str | None = None
     partial: bool = False
+    mask_rle: dict[str, Any] | None = None
+    score: float | None = None
+    instances: list[Segmentation] = Field(default_factory=list)
 
     @field_validator("path", mode="before")
     @classmethod
@@ -337,7 +350,83 @@ class Segmentation(_Result):
     @property
     def found(self) -> bool:
         """Whether the server returned a mask."""
-        return bool(self.path) and self.bbox is not None
+        return (bool(self.path) or self.mask_rle is not None) and self.bbox is not None
+
+    @property
+    def mask_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` of a raster mask as the model returned it (None for a path).
+
+        ``mask(size=result.mask_size)`` is the decoded mask image, pixel for pixel.
+        """
+        if self.mask_rle is None:
+            return None
+        height, width = self.mask_rle["size"]
+        return (int(width), int(height))
+
+    @cached_property
+    def _raster(self) -> Image.Image:
+        assert self.mask_rle is not None
+        return rle_to_mask(self.mask_rle)
+
+    @classmethod
+    def from_masks(
+        cls,
+        masks: list[Image.Image],
+        *,
+        image_size: ImageSize,
+        object: str | None = None,
+        scores: list[Any] | None = None,
+        request_id: str | None = None,
+        usage: Usage | None = None,
+    ) -> Segmentation:
+        """A segmentation from binary mask images (mode "L", 0/255, all one size): their
+        union, with each non-empty mask in ``instances`` (and its score) in reading order.
+
+        Example::
+
+            result = Segmentation.from_masks([mask_a, mask_b], image_size=ImageSize(width=640, height=480),
+                                             scores=[0.9, 0.8], object="dog")
+            result.area_px, [i.score for i in result.instances]
+        """
+        if not masks:
+            return cls(path="", object=object, image_size=image_size, request_id=request_id, usage=usage)
+        size = masks[0].size
+        if any(m.size != size for m in masks):
+            raise ResponseError(
+                f"masks of different sizes for one image: {sorted({m.size for m in masks})}", request_id=request_id
+            )
+        instances: list[Segmentation] = []
+        for index, mask in enumerate(masks):
+            score = scores[index] if scores is not None and index < len(scores) else None
+            single = cls._from_raster(mask, image_size, object, request_id, None, float(score) if isinstance(score, (int, float)) else None)
+            if single.found:
+                instances.append(single)
+        boxes = [(i.bbox.x_min, i.bbox.y_min, i.bbox.x_max, i.bbox.y_max) for i in instances if i.bbox]
+        instances = [instances[k] for k in reading_order(boxes)]
+        union = masks[0] if len(masks) == 1 else mask_union(masks)
+        whole = cls._from_raster(union, image_size, object, request_id, usage, instances[0].score if len(instances) == 1 else None)
+        return whole.model_copy(update={"instances": instances})
+
+    @classmethod
+    def _from_raster(
+        cls, mask: Image.Image, image_size: ImageSize, object: str | None, request_id: str | None,
+        usage: Usage | None, score: float | None,
+    ) -> Segmentation:
+        box = mask_bbox(mask)
+        if box is None:
+            return cls(path="", object=object, image_size=image_size, request_id=request_id, usage=usage)
+        width, height = mask.size
+        rle = mask_to_rle(mask)
+        return cls(
+            path="",
+            bbox=Box(x_min=box[0] / width, y_min=box[1] / height, x_max=box[2] / width, y_max=box[3] / height),
+            mask_rle={"size": rle["size"], "counts": rle_to_string(rle["counts"])},
+            score=score,
+            object=object,
+            image_size=image_size,
+            request_id=request_id,
+            usage=usage,
+        )
 
     def _size(self, size: tuple[int, int] | None) -> tuple[int, int]:
         return size if size is not None else _require_size(self.image_size).as_tuple()
@@ -351,6 +440,12 @@ class Segmentation(_Result):
             return []
         assert self.bbox is not None
         width, height = self._size(size)
+        if self.mask_rle is not None:  # exact pixel-edge outlines of the raster, scaled
+            mask_width, mask_height = self._raster.size
+            rings = mask_to_rings(self._raster)
+            if (width, height) == (mask_width, mask_height):
+                return rings
+            return scale_rings(rings, width / mask_width, height / mask_height)
         box = (self.bbox.x_min, self.bbox.y_min, self.bbox.x_max, self.bbox.y_max)
         return segment_rings(self.path, box, width, height, tolerance=tolerance, partial=self.partial)
 
@@ -367,8 +462,17 @@ class Segmentation(_Result):
         return self.bbox.to_pixels(_require_size(self.image_size))
 
     def mask(self, mode: Literal["1", "L"] = "1", size: tuple[int, int] | None = None) -> Image.Image:
-        """The filled mask at ``size`` (default: the oriented image size): 255 inside, 0 outside."""
+        """The filled mask at ``size`` (default: the oriented image size): 255 inside, 0 outside.
+
+        A raster mask (``mask_rle``) is returned exactly at its own size, and scaled with
+        nearest-neighbour sampling to any other.
+        """
         width, height = self._size(size)
+        if self.mask_rle is not None:
+            raster = self._raster
+            if raster.size != (width, height):
+                raster = raster.resize((width, height), Image.Resampling.NEAREST)
+            return raster.convert(mode) if raster.mode != mode else raster.copy()
         if size is None:
             return rasterize(self.polygons, width, height, mode=mode)
         return rasterize(self.rings(size), width, height, mode=mode)
@@ -490,6 +594,7 @@ class SegmentFinalEvent(_Frozen):
 
 
 SegmentEvent = SegmentBBoxEvent | SegmentPathDeltaEvent | SegmentFinalEvent
+Segmentation.model_rebuild()
 
 
 class ChatResult(_Frozen):

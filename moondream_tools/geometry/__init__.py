@@ -38,7 +38,10 @@ Modules (everything public is re-exported here; import from ``moondream_tools.ge
 - :mod:`.raster`: rings -> even-odd mask (:func:`rasterize`);
 - :mod:`.rings`: :data:`Ring`, :func:`ring_area`, containment and :func:`nest_rings`;
 - :mod:`.rle`: COCO RLE (:func:`mask_to_rle`, :func:`rle_to_string`,
-  :func:`rle_from_string`, :func:`rle_to_mask`).
+  :func:`rle_from_string`, :func:`rle_to_mask`);
+- :mod:`.masks`: mask images -> binary masks and exact outline rings
+  (:func:`binary_mask`, :func:`mask_union`, :func:`mask_area`, :func:`mask_bbox`,
+  :func:`mask_to_rings`, :func:`scale_rings`, :func:`rings_to_path`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ from .coords import (
     reading_order,
 )
 from .flatten import flatten_path, segment_rings
+from .masks import (
+    binary_mask,
+    mask_area,
+    mask_bbox,
+    mask_to_rings,
+    mask_union,
+    rings_to_path,
+    scale_rings,
+)
 from .paths import Command, parse_path
 from .raster import rasterize
 from .rings import Ring, nest_rings, ring_area
@@ -80,4 +92,11 @@ __all__ = [
     "rle_to_string",
     "rle_from_string",
     "rle_to_mask",
+    "binary_mask",
+    "mask_union",
+    "mask_area",
+    "mask_bbox",
+    "mask_to_rings",
+    "scale_rings",
+    "rings_to_path",
 ]

@@ -42,6 +42,14 @@ class DescribeImageArgs(_Args):
         default=False,
         description="Think step by step before answering and return grounded points (slower).",
     )
+    more_images: list[str] | None = Field(
+        default=None,
+        max_length=3,
+        description=(
+            "Up to 3 further images to look at together with `image`, for one question about all "
+            "of them (compare them, find the difference, which one shows X). Needs a question."
+        ),
+    )
 
 
 class CountObjectsArgs(_Args):
@@ -105,8 +113,8 @@ TOOL_SPECS: Mapping[str, ToolSpec] = MappingProxyType(
                     "it, what text it shows, what color something is, what is happening). Use it "
                     "whenever you need to know what an image contains. The image argument is a "
                     "registered image name such as 'img_1', an allowed local path, or an http(s) "
-                    "URL if enabled. For exact counts use count_objects; for positions use "
-                    "locate_objects."
+                    "URL if enabled. To compare 2-4 images, ask one question with more_images. "
+                    "For exact counts use count_objects; for positions use locate_objects."
                 ),
                 args_schema=DescribeImageArgs,
                 method="describe",

@@ -48,10 +48,15 @@ class ToolResult(BaseModel):
 
 
 class DescribeResult(ToolResult):
-    """``describe_image``: ``caption`` when no question was asked, else ``answer``."""
+    """``describe_image``: ``caption`` when no question was asked, else ``answer``.
+
+    A question about several images lists the others in ``more_images`` (and their sizes).
+    """
 
     caption: Caption | None = None
     answer: Answer | None = None
+    more_images: list[str] = Field(default_factory=list)
+    more_image_sizes: list[ImageSize] = Field(default_factory=list)
 
 
 class CountResult(ToolResult):
@@ -147,11 +152,25 @@ def _segment_text(name: str, obj: str, segmentation: Segmentation) -> str:
         (segmentation.bbox.x_min + segmentation.bbox.x_max) / 2,  # type: ignore[union-attr]
         (segmentation.bbox.y_min + segmentation.bbox.y_max) / 2,  # type: ignore[union-attr]
     )
-    return (
+    text = (
         f'Segmented "{obj}" in {_size_text(name, size)}: area {segmentation.area_px:,} px'
         f" ({segmentation.area_fraction:.1%} of the image), bbox {_xy(box.x_min, box.y_min)}-"
         f"{_xy(box.x_max, box.y_max)} px {where}, {regions}."
     )
+    instances = segmentation.instances
+    if len(instances) > 1:  # a model that answers with several masks (SAM 3): say so, in reading order
+        scores = [f"{i.score:.2f}" for i in instances if i.score is not None]
+        text += f" The model returned {len(instances)} masks (this is their union)"
+        text += f", scores in reading order: {', '.join(scores)}." if len(scores) == len(instances) else "."
+    return text
+
+
+def _describe_several_text(names: list[str], sizes: list[ImageSize], answer: Answer) -> str:
+    head = ", ".join(_size_text(name, size) for name, size in zip(names, sizes, strict=True))
+    text = f"{head}: {answer.answer.strip()}"
+    if answer.reasoning is not None and answer.reasoning.text.strip():
+        text += f"\nReasoning: {answer.reasoning.text.strip()}"
+    return text
 
 
 def _describe_text(name: str, size: ImageSize, caption: Caption | None, answer: Answer | None) -> str:

@@ -18,7 +18,7 @@ from ..geometry import pixels_to_box, pixels_to_point
 from ..images import ImageInput, PreparedImage, ReferenceKind, reference_kind
 from ..policy import ImagePolicy
 from ..render import annotate_png
-from ..results import Answer, Caption, Points
+from ..results import Answer, Caption, Points, Reasoning
 from .specs import TOOL_SPECS
 from .texts import (
     CountResult,
@@ -27,6 +27,7 @@ from .texts import (
     SegmentResult,
     ToolResult,
     _count_text,
+    _describe_several_text,
     _describe_text,
     _locate_text,
     _segment_text,
@@ -221,14 +222,22 @@ class VisionTools:
         *,
         length: CaptionLength = "normal",
         reasoning: bool = False,
+        more_images: Sequence[str] | None = None,
     ) -> DescribeResult:
         """``describe_image``: a caption, or the answer to ``question`` (with reasoning).
+
+        With ``more_images`` (up to 3 further handles), one question about all the images at
+        once goes to the backend's chat endpoint (each image prepared once, at the skill
+        size); a backend without one raises :class:`~moondream_tools.UnsupportedSkillError`.
 
         Example::
 
             result = await tools.describe("img_1", question="What color is the car?")
             print(result.text)   # img_1 (1280x853 px): Red.
+            diff = await tools.describe("before", question="What changed?", more_images=["after"])
         """
+        if more_images:
+            return await self._describe_several(image, question, list(more_images), reasoning)
         asks = (question is not None and bool(question.strip())) or reasoning
         require_skill(self.backend, "query" if asks else "caption")
         prepared = await self._resolve(image)
@@ -256,6 +265,39 @@ class VisionTools:
             caption=caption,
             answer=answer,
             annotated_png=png,
+        )
+
+    async def _describe_several(
+        self, image: str, question: str | None, more: list[str], reasoning: bool
+    ) -> DescribeResult:
+        if question is None or not question.strip():
+            raise ToolArgumentsError("more_images needs a question about the images, e.g. 'What changed?'")
+        if len(more) > 3:
+            raise ToolArgumentsError(f"more_images takes at most 3 images, got {len(more)}")
+        require_skill(self.backend, "chat")
+        names = [image, *more]
+        prepared = [await self._resolve(name) for name in names]
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": p.data_url}} for p in prepared
+        ]
+        content.append({"type": "text", "text": question})
+        chat = getattr(self.backend, "chat")
+        result = await chat([{"role": "user", "content": content}], reasoning=True if reasoning else None)
+        answer = Answer(
+            answer=result.content,
+            reasoning=Reasoning(text=result.reasoning) if result.reasoning else None,
+            request_id=result.request_id,
+            image_size=prepared[0].size,
+            usage=result.usage,
+        )
+        return DescribeResult(
+            tool="describe_image",
+            image=image,
+            image_size=prepared[0].size,
+            text=_describe_several_text(names, [p.size for p in prepared], answer),
+            answer=answer,
+            more_images=more,
+            more_image_sizes=[p.size for p in prepared[1:]],
         )
 
     async def count(self, image: str, object: str) -> CountResult:

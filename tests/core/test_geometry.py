@@ -850,6 +850,13 @@ def test_all_is_exactly_the_public_api() -> None:
         "rle_to_string",
         "rle_from_string",
         "rle_to_mask",
+        "binary_mask",
+        "mask_union",
+        "mask_area",
+        "mask_bbox",
+        "mask_to_rings",
+        "scale_rings",
+        "rings_to_path",
     }
     assert set(geometry.__all__) == expected
     assert len(geometry.__all__) == len(expected)  # no duplicates

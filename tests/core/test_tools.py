@@ -308,6 +308,8 @@ def test_specs_are_what_models_need() -> None:
         schema = spec.args_schema.model_json_schema()
         assert "image" in schema["required"]
         assert all(prop.get("description") for prop in schema["properties"].values())
-    assert set(TOOL_SPECS["describe_image"].args_schema.model_fields) == {"image", "question", "length", "reasoning"}
+    assert set(TOOL_SPECS["describe_image"].args_schema.model_fields) == {
+        "image", "question", "length", "reasoning", "more_images"
+    }
     assert set(TOOL_SPECS["segment_object"].args_schema.model_fields) == {"image", "object", "point", "box"}
     assert set(TOOL_SPECS["count_objects"].args_schema.model_fields) == {"image", "object"}
