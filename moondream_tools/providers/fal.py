@@ -497,6 +497,7 @@ class FalSam3(_FalBackend):
             "sync_mode": True,
             "include_scores": True,
             "include_boxes": True,
+            "return_multiple_masks": True,  # every instance, however fal reads the flag
             "output_format": "png",
         }
         if points:

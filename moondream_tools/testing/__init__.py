@@ -1,9 +1,9 @@
 """Offline testing kit: the Moondream API emulator and synthetic scenes.
 
 ``FakeMoondream`` is a real aiohttp server on loopback that speaks the
-Moondream wire format and answers from what a toy vision engine sees in the
-received image; ``Scene`` draws flat coloured shapes and knows the ground
-truth. Together they let you test an agent end to end without a key or a
+Moondream wire format (and fal.ai's and AIgateway's, see ``providers``) and
+answers from what a toy vision engine sees in the received image; ``Scene``
+draws flat coloured shapes and knows the ground truth. Together they let you test an agent end to end without a key or a
 network. Needs numpy (``pip install "moondream-tools[testing]"``).
 
 This package is self-contained: it imports nothing else from moondream_tools.
@@ -12,12 +12,14 @@ This package is self-contained: it imports nothing else from moondream_tools.
 from .engine import COLORS, KINDS, PALETTE, Found, analyze, matches, parse_phrase
 from .scene import Scene, Shape, ShapeTruth
 from .server import FakeMoondream, RecordedRequest
+from .providers import FormFile
 
 __all__ = [
     "COLORS",
     "KINDS",
     "PALETTE",
     "FakeMoondream",
+    "FormFile",
     "Found",
     "RecordedRequest",
     "Scene",

@@ -5,7 +5,8 @@ format (``/v1/caption``, ``/query``, ``/detect``, ``/point``, ``/segment``,
 ``/chat/completions``, ``/models``), answers from what a toy vision engine
 actually sees in the received image, records every request and can inject
 faults (HTTP errors, Moondream Station style 200 errors, malformed JSON,
-hangs, dropped connections).
+hangs, dropped connections). The same server also speaks fal.ai (sync and queue)
+and AIgateway over the same engine: see :mod:`moondream_tools.testing.providers`.
 
 >>> async with FakeMoondream() as fake:                     # doctest: +SKIP
 ...     # point any client at fake.base_url with fake.api_key
@@ -14,7 +15,7 @@ hangs, dropped connections).
 ...     assert fake.requests[-1].path == "/v1/detect"
 
 Self-contained on purpose (stdlib, aiohttp, numpy, PIL): it never imports the
-client it is used to test. That is also why it is one module of about 850 lines: the
+client it is used to test. That is also why it is one module of about 900 lines: the
 whole wire format the client must match (routes, auth, JSON and SSE shapes, request ids,
 faults) is read in one place, independent of the client's own modules.
 """
@@ -34,12 +35,13 @@ from contextvars import ContextVar
 from http import HTTPStatus
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
-from . import engine
+from . import engine, providers
 from .engine import Found
 
 __all__ = ["FakeMoondream", "RecordedRequest", "answer_question", "make_caption"]
@@ -71,6 +73,8 @@ class RecordedRequest:
     body: bytes = field(repr=False)
     received_at: float
     query: Mapping[str, str] = field(default_factory=dict)
+    #: multipart/form-data requests only: field name -> str, or a providers.FormFile for file parts
+    form: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -84,6 +88,8 @@ class _Fault:
     message: str = ""
     seconds: float = 0.0
     after_events: int = 1
+    headers: Mapping[str, str] = field(default_factory=dict)
+    route: str | None = None  # only requests at or under this path prefix consume it
 
 
 class _BadRequest(Exception):
@@ -301,6 +307,11 @@ def _decode_image(url: Any) -> Image.Image:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise _BadRequest("image_url is not valid base64") from None
+    return _image_from_bytes(raw)
+
+
+def _image_from_bytes(raw: bytes) -> Image.Image:
+    """Decode an encoded image (any format PIL reads) to RGB; _BadRequest when it cannot."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -316,7 +327,7 @@ def _see(url: Any) -> tuple[Image.Image, list[Found]]:
     return img, engine.analyze(img)
 
 
-class FakeMoondream:
+class FakeMoondream(providers.ProvidersMixin):
     """Offline Moondream API on ``http://127.0.0.1:<port>/v1``.
 
     ``api_key`` None accepts any caller (like Moondream Station). ``latency``
@@ -326,7 +337,9 @@ class FakeMoondream:
     ``in_flight`` / ``max_in_flight`` count requests being answered now / at most.
     ``rate_limit`` (settable) answers HTTP 429 with ``Retry-After: 1`` above that many
     requests per second (a token bucket of that size, like a rate-limited cloud);
-    ``rate_limited`` counts those answers.
+    ``rate_limited`` counts those answers. Every injector takes ``route`` (a path prefix
+    such as ``"/fal-queue"`` or ``"/v1/detect"``): only requests under it consume that fault.
+    fal.ai / AIgateway attributes (``fal_key``, ``fal_base_url``, ...): see ``ProvidersMixin``.
     """
 
     def __init__(
@@ -338,8 +351,11 @@ class FakeMoondream:
         max_objects_default: int = 50,
         models: list[str] | None = None,
         rate_limit: float | None = None,
+        fal_key: str | None | EllipsisType = ...,
+        aigateway_key: str | None | EllipsisType = ...,
     ) -> None:
         self.api_key = api_key
+        self._init_providers(fal_key, aigateway_key)  # ``...`` = a random key
         self.rate_limit = rate_limit
         self.rate_limited = 0
         self.in_flight = 0
@@ -384,6 +400,7 @@ class FakeMoondream:
             app.router.add_post(f"/v1/{name}", getattr(self, f"_h_{name}"))
         app.router.add_post("/v1/chat/completions", self._h_chat)
         app.router.add_get("/v1/models", self._h_models)
+        providers.install(self, app)
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -421,49 +438,62 @@ class FakeMoondream:
         retry_after: str | None = None,
         body: str | None = None,
         content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+        route: str | None = None,
     ) -> None:
-        """Answer the next ``count`` requests with HTTP ``status`` (body None -> {"error": reason})."""
-        self._add(_Fault("fail", count, status=status, retry_after=retry_after, body=body, content_type=content_type))
+        """Answer the next ``count`` requests with HTTP ``status`` and extra ``headers``.
 
-    def station_error_next(self, count: int = 1, message: str = "queue full") -> None:
+        body None -> the route family's error shape: ``{"error": reason}`` (native),
+        ``{"detail": reason}`` (fal), ``{"error": {message, type, code, param}}`` (AIgateway).
+        """
+        self._add(
+            _Fault(
+                "fail", count, status=status, retry_after=retry_after, body=body,
+                content_type=content_type, headers=dict(headers or {}), route=route,
+            )
+        )
+
+    def station_error_next(self, count: int = 1, message: str = "queue full", *, route: str | None = None) -> None:
         """Answer with HTTP 200 and ``{"error": message}``, as Moondream Station does."""
-        self._add(_Fault("station", count, message=message))
+        self._add(_Fault("station", count, message=message, route=route))
 
-    def malformed_next(self, count: int = 1) -> None:
+    def malformed_next(self, count: int = 1, *, route: str | None = None) -> None:
         """Answer with HTTP 200, JSON content type and a truncated, invalid JSON body."""
-        self._add(_Fault("malformed", count))
+        self._add(_Fault("malformed", count, route=route))
 
-    def hang_next(self, count: int = 1, seconds: float = 30.0) -> None:
+    def hang_next(self, count: int = 1, seconds: float = 30.0, *, route: str | None = None) -> None:
         """Sleep ``seconds`` before sending headers (cut short when the server closes)."""
-        self._add(_Fault("hang", count, seconds=seconds))
+        self._add(_Fault("hang", count, seconds=seconds, route=route))
 
-    def drop_stream_next(self, count: int = 1, *, after_events: int = 1) -> None:
+    def drop_stream_next(self, count: int = 1, *, after_events: int = 1, route: str | None = None) -> None:
         """Cut the connection: SSE after ``after_events`` events (never the final one);
         plain JSON mid-body, after headers that promise a longer Content-Length."""
-        self._add(_Fault("drop", count, after_events=after_events))
+        self._add(_Fault("drop", count, after_events=after_events, route=route))
 
     def reset(self) -> None:
-        """Clear pending faults and recorded requests."""
+        """Clear pending faults (fal queue faults too), recorded requests and ``fal_cancelled``."""
         self._faults.clear()
         self.requests.clear()
+        self._reset_providers()
 
     @property
     def pending_faults(self) -> int:
-        return sum(f.remaining for f in self._faults)
+        return sum(f.remaining for f in self._faults) + self._pending_provider_faults()
 
     def _add(self, fault: _Fault) -> None:
         if fault.remaining < 1:
             raise ValueError("count must be at least 1")
         self._faults.append(fault)
 
-    def _take_fault(self) -> _Fault | None:
-        if not self._faults:
-            return None
-        fault = self._faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self._faults.pop(0)
-        return fault
+    def _take_fault(self, path: str = "/") -> _Fault | None:
+        """The first pending fault (in injection order) that applies to ``path``, used once."""
+        for i, fault in enumerate(self._faults):
+            if fault.route is None or providers.under(path, fault.route):
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._faults.pop(i)
+                return fault
+        return None
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -503,27 +533,28 @@ class FakeMoondream:
                     body=body,
                     received_at=time.time(),
                     query=dict(request.query),
+                    form=providers.parse_form(request.headers.get("Content-Type", ""), body),
                 )
             )
             if self.rate_limit is not None and self._over_rate():
                 self.rate_limited += 1
-                return web.json_response(
-                    {"error": "Rate limit exceeded"}, status=429, headers={"Retry-After": "1"}
-                )
+                return self._error(429, "Rate limit exceeded", request.path, headers={"Retry-After": "1"})
             await self._sleep(self.latency)
-            fault = self._take_fault()
+            fault = self._take_fault(request.path)
             if fault is not None:
                 if fault.kind == "hang":
                     await self._sleep(fault.seconds)
                 elif fault.kind == "fail":
-                    headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+                    headers = dict(fault.headers)
+                    if fault.retry_after is not None:
+                        headers["Retry-After"] = fault.retry_after
                     text = fault.body
                     if text is None:
                         try:
                             reason = HTTPStatus(fault.status).phrase
                         except ValueError:
                             reason = "error"
-                        text = json.dumps({"error": reason})
+                        text = json.dumps(providers.error_body(request.path, fault.status, reason))
                     return web.Response(
                         status=fault.status, text=text, headers=headers, content_type=fault.content_type
                     )
@@ -538,10 +569,10 @@ class FakeMoondream:
             try:
                 return await handler(request)
             except _BadRequest as exc:
-                return self._error(exc.status, exc.message)
+                return self._error(exc.status, exc.message, request.path)
             except web.HTTPException as exc:
                 if exc.status >= 400:
-                    return self._error(exc.status, exc.reason)
+                    return self._error(exc.status, exc.reason, request.path)
                 raise
 
         return middleware
@@ -561,8 +592,11 @@ class FakeMoondream:
         return False
 
     @staticmethod
-    def _error(status: int, message: str) -> web.Response:
-        return web.json_response({"error": message}, status=status)
+    def _error(
+        status: int, message: str, path: str = "/v1", headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        """An error in the shape of the route family of ``path`` (native: ``{"error": message}``)."""
+        return web.json_response(providers.error_body(path, status, message), status=status, headers=headers)
 
     def _check_auth(self, request: web.Request, *, bearer: bool) -> None:
         if self.api_key is None:
@@ -626,13 +660,24 @@ class FakeMoondream:
     async def _json(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
         rid = _request_id()
         payload = {**payload, "request_id": rid}
-        data = json.dumps(payload).encode()
-        headers = {"X-Request-Id": rid}
+        return await self._send(request, json.dumps(payload).encode(), headers={"X-Request-Id": rid})
+
+    async def _send(
+        self,
+        request: web.Request,
+        data: bytes,
+        *,
+        status: int = 200,
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """Send ``data``, or (under ``drop_stream_next``) half of it and cut the connection."""
+        headers = dict(headers or {})
         drop = _DROP_AFTER.get()
         if drop is None:
-            return web.Response(body=data, status=200, content_type="application/json", headers=headers)
-        resp = web.StreamResponse(status=200, headers=headers)
-        resp.content_type = "application/json"
+            return web.Response(body=data, status=status, content_type=content_type, headers=headers)
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = content_type
         resp.content_length = len(data) + 64
         try:
             await resp.prepare(request)
@@ -685,8 +730,7 @@ class FakeMoondream:
         if length not in ("short", "normal", "long"):
             raise _BadRequest("length must be one of 'short', 'normal', 'long'")
         img, found = await asyncio.to_thread(_see, body.get("image_url"))
-        background = await asyncio.to_thread(engine.background_name, img, found)
-        caption = make_caption(found, background, length)
+        caption = await asyncio.to_thread(_caption, img, found, length)
         if body.get("stream"):
             rid = _request_id()
             return await self._stream(request, self._text_events(caption, rid), rid)
@@ -716,10 +760,7 @@ class FakeMoondream:
         cap = self._max_objects(body)
         refs = self._spatial_refs(body)
         _, found = await asyncio.to_thread(_see, body.get("image_url"))
-        hits = [f for f in found if engine.matches(phrase, f)]
-        if refs:
-            hits = [f for f in hits if any(f.contains(x, y) for x, y in refs)]
-        return body, hits, cap
+        return body, _matching(found, phrase, refs), cap
 
     async def _h_detect(self, request: web.Request) -> web.StreamResponse:
         _, hits, cap = await self._located(request)
@@ -735,13 +776,7 @@ class FakeMoondream:
         phrase = self._text_field(body, "object")
         refs = self._spatial_refs(body)
         _, found = await asyncio.to_thread(_see, body.get("image_url"))
-        hits = [f for f in found if engine.matches(phrase, f)]
-        target = _pick(hits, refs)
-        if target is None:
-            path, coarse, bbox = "", "", None
-        else:
-            path, coarse = await asyncio.to_thread(lambda: (target.refined_path(), target.coarse_path()))
-            bbox = _box(target)
+        _, path, coarse, bbox = await asyncio.to_thread(_segmented, found, phrase, refs)
         if body.get("stream"):
             rid = _request_id()
             events = []
@@ -810,6 +845,31 @@ class FakeMoondream:
             "usage": usage,
         }
         return await self._json(request, payload)
+
+
+# -- engine calls shared by the native routes and the fal / AIgateway ones (providers.py)
+
+
+def _caption(img: Image.Image, found: Sequence[Found], length: str) -> str:
+    return make_caption(found, engine.background_name(img, found), length)
+
+
+def _matching(found: Sequence[Found], phrase: str, refs: Sequence[tuple[float, float]] = ()) -> list[Found]:
+    """Shapes ``phrase`` names, in reading order; with ``refs`` only those under a ref point."""
+    hits = [f for f in found if engine.matches(phrase, f)]
+    if refs:
+        hits = [f for f in hits if any(f.contains(x, y) for x, y in refs)]
+    return hits
+
+
+def _segmented(
+    found: Sequence[Found], phrase: str, refs: list[tuple[float, float]]
+) -> tuple[Found | None, str, str, dict[str, float] | None]:
+    """(target, refined path, coarse path, bbox) of the segment skill; ("", "", None) when none."""
+    target = _pick([f for f in found if engine.matches(phrase, f)], refs)
+    if target is None:
+        return None, "", "", None
+    return target, target.refined_path(), target.coarse_path(), _box(target)
 
 
 def _pick(hits: list[Found], refs: list[tuple[float, float]]) -> Found | None:
