@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from moondream_tools import AsyncMoondream
+from moondream_tools import AsyncMoondream, FalMoondream, FalSam3
 from moondream_tools import _transport as transport_module
 from moondream_tools.testing import FakeMoondream
 
@@ -41,6 +41,20 @@ def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 async def fake() -> AsyncIterator[FakeMoondream]:
     async with FakeMoondream() as server:
         yield server
+
+
+@pytest.fixture(params=["moondream", "fal+sam3"])
+async def backends(request: pytest.FixtureRequest, fake: FakeMoondream) -> AsyncIterator[tuple[Any, Any]]:
+    """``(backend, segment_backend)`` on the emulator: Moondream's own API, or Moondream 3 on
+    fal.ai with SAM 3 for segmentation. Tests taking it run the tools on both."""
+    if request.param == "moondream":
+        async with AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url) as md:
+            yield md, None
+        return
+    async with FalMoondream(api_key=fake.fal_key, base_url=fake.fal_base_url) as fal, FalSam3(
+        api_key=fake.fal_key, base_url=fake.fal_base_url
+    ) as sam:
+        yield fal, sam
 
 
 @pytest.fixture

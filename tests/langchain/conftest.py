@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from langchain_moondream import MoondreamToolkit
@@ -18,13 +19,13 @@ def scene() -> Scene:
 
 
 @pytest.fixture
-async def toolkit(fake: FakeMoondream) -> AsyncIterator[MoondreamToolkit]:
-    """The four tools on the emulator (same event loop), with the scene as ``img_1``."""
-    client = AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url)
-    async with MoondreamToolkit(backend=client) as kit:
+async def toolkit(backends: tuple[Any, Any]) -> AsyncIterator[MoondreamToolkit]:
+    """The four tools on the emulator (same event loop), with the scene as ``img_1``: on
+    Moondream's own API, and on Moondream 3 on fal.ai with SAM 3 for segmentation."""
+    backend, segmenter = backends
+    async with MoondreamToolkit(backend=backend, segment_backend=segmenter) as kit:
         assert kit.add_image(SCENE.render()) == "img_1"
         yield kit
-    await client.aclose()
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRol
 from llama_index.core.llms import MockFunctionCallingLLM
 
 from llama_index.tools.moondream import MoondreamToolSpec
-from moondream_tools import TOOL_SPECS, AsyncMoondream, CountResult, DescribeResult, LocateResult, SegmentResult
+from moondream_tools import TOOL_SPECS, CountResult, DescribeResult, LocateResult, SegmentResult
+from backends_support import sent_spatial_refs
 from moondream_tools.testing import FakeMoondream, Scene
 
 W, H = 960, 640
@@ -80,8 +81,11 @@ async def run_agent(agent: FunctionAgent | AgentWorkflow) -> tuple[list[ToolCall
 
 
 @pytest.mark.parametrize("return_images", [False, True])
-async def test_function_agent_uses_all_four_tools(fake: FakeMoondream, client: AsyncMoondream, return_images: bool) -> None:
-    spec = MoondreamToolSpec(client, return_images=return_images)
+async def test_function_agent_uses_all_four_tools(
+    fake: FakeMoondream, backends: tuple[Any, Any], return_images: bool
+) -> None:
+    backend, segmenter = backends
+    spec = MoondreamToolSpec(backend, segment_backend=segmenter, return_images=return_images)
     spec.add_image(SCENE.render(), name="scene")
     agent = FunctionAgent(tools=spec.to_tool_list(), llm=scripted_llm(), system_prompt="Images: 'scene'.")
     calls, results, answer = await run_agent(agent)
@@ -115,7 +119,8 @@ async def test_function_agent_uses_all_four_tools(fake: FakeMoondream, client: A
     segment = outputs["segment_object"]
     assert isinstance(segment.raw_output, SegmentResult)
     assert segment.raw_input["kwargs"]["box"] == [int(v) for v in located.groups()], "the agent chained locate -> segment"
-    assert fake.requests[-1].path.endswith("/segment") and len(fake.requests[-1].json["spatial_refs"]) == 1
+    assert fake.requests[-1].path.endswith(("/segment", "/sam-3/image"))
+    assert len(sent_spatial_refs(fake.requests[-1], (W, H))) == 1
     assert abs(segment.raw_output.segmentation.area_px - square.area_px) <= 0.02 * square.area_px
     area = re.search(r"area ([\d,]+) px", segment.content)
     assert area is not None and abs(int(area.group(1).replace(",", "")) - square.area_px) <= 0.02 * square.area_px
@@ -137,8 +142,9 @@ async def test_function_agent_uses_all_four_tools(fake: FakeMoondream, client: A
         assert output.content in answer
 
 
-async def test_agent_workflow_with_the_tool_spec(client: AsyncMoondream) -> None:
-    spec = MoondreamToolSpec(client)
+async def test_agent_workflow_with_the_tool_spec(backends: tuple[Any, Any]) -> None:
+    backend, segmenter = backends
+    spec = MoondreamToolSpec(backend, segment_backend=segmenter)
     spec.add_image(SCENE.render(), name="scene")
     workflow = AgentWorkflow.from_tools_or_functions(spec.to_tool_list(), llm=scripted_llm())
     calls, results, answer = await run_agent(workflow)

@@ -29,6 +29,7 @@ from moondream_tools import (
     ToolArgumentsError,
     VisionTools,
 )
+from backends_support import sent_spatial_refs
 from moondream_tools.testing import FakeMoondream, Scene, Shape
 
 W, H = 1280, 853
@@ -123,8 +124,9 @@ def check_output(name: str, output: ToolOutput) -> None:
 
 
 @pytest.fixture
-def spec(client: AsyncMoondream) -> MoondreamToolSpec:
-    spec = MoondreamToolSpec(client)
+def spec(backends: tuple[Any, Any]) -> MoondreamToolSpec:
+    backend, segmenter = backends
+    spec = MoondreamToolSpec(backend, segment_backend=segmenter)
     assert spec.add_image(SCENE.render()) == "img_1"
     return spec
 
@@ -203,7 +205,7 @@ async def test_describe_caption_and_segment_hints(fake: FakeMoondream, spec: Moo
     assert fake.requests[-1].path.endswith("/caption")
     right = max(SCENE.matching("red circle"), key=lambda t: t.center[0])
     output = await tools["segment_object"].acall(image="img_1", object="red circle", point=[1050, 460])
-    assert fake.requests[-1].json["spatial_refs"] == [[pytest.approx(1050 / W), pytest.approx(460 / H)]]
+    assert sent_spatial_refs(fake.requests[-1], (W, H)) == [[pytest.approx(1050 / W), pytest.approx(460 / H)]]
     bbox = output.raw_output.segmentation.bbox_px
     assert abs(bbox.x_min - right.bbox_px[0]) <= 0.02 * W and abs(bbox.x_max - right.bbox_px[2]) <= 0.02 * W
 
