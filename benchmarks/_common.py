@@ -27,7 +27,12 @@ from moondream_tools.testing import FakeMoondream
 async def main() -> None:
     options = json.loads(sys.argv[1])
     async with FakeMoondream(**options) as server:
-        print(json.dumps({"base_url": server.base_url, "api_key": server.api_key}), flush=True)
+        print(json.dumps({
+            "base_url": server.base_url, "api_key": server.api_key, "url": server.url,
+            "fal_base_url": server.fal_base_url, "fal_queue_base_url": server.fal_queue_base_url,
+            "fal_key": server.fal_key, "aigateway_base_url": server.aigateway_base_url,
+            "aigateway_key": server.aigateway_key,
+        }), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 asyncio.run(main())
@@ -36,7 +41,8 @@ asyncio.run(main())
 
 @contextlib.contextmanager
 def emulator_process(**options: Any) -> Iterator[dict[str, str]]:
-    """Run ``FakeMoondream(**options)`` in a child process; yield its base_url and api_key."""
+    """Run ``FakeMoondream(**options)`` in a child process; yield its URLs and keys (native,
+    fal.ai and AIgateway)."""
     child = subprocess.Popen(
         [sys.executable, "-c", _SERVER, json.dumps(options)],
         stdin=subprocess.PIPE,

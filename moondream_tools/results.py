@@ -403,8 +403,10 @@ class Segmentation(_Result):
                 instances.append(single)
         boxes = [(i.bbox.x_min, i.bbox.y_min, i.bbox.x_max, i.bbox.y_max) for i in instances if i.bbox]
         instances = [instances[k] for k in reading_order(boxes)]
-        union = masks[0] if len(masks) == 1 else mask_union(masks)
-        whole = cls._from_raster(union, image_size, object, request_id, usage, instances[0].score if len(instances) == 1 else None)
+        if len(masks) == 1:  # the union is the one mask: encode it once
+            whole = instances[0] if instances else cls._from_raster(masks[0], image_size, object, request_id, usage, None)
+            return whole.model_copy(update={"instances": instances, "usage": usage})
+        whole = cls._from_raster(mask_union(masks), image_size, object, request_id, usage, None)
         return whole.model_copy(update={"instances": instances})
 
     @classmethod

@@ -121,6 +121,10 @@ def binary_mask(image: Image.Image) -> Image.Image:
     total = size[0] * size[1]
     if mode == "1":
         return image.convert("L")
+    if mode == "L":  # the usual answer: already 0/255, nothing to convert or check
+        histogram = image.histogram()
+        if histogram[0] + histogram[255] == total:
+            return image
     work = image
     if mode in _CONVERT:
         target = _CONVERT[mode]

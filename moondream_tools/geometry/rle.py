@@ -24,13 +24,15 @@ def _numpy() -> Any:
 
 
 _RUNS_RE = re.compile(rb"\x00+|\xff+")
+#: A lookup table: 0 stays 0, anything else becomes 255.
+_NONZERO = [0] + [255] * 255
 
 
 def _mask_bytes(mask: Image.Image) -> Image.Image:
     if mask.mode == "1":
         return mask.convert("L")  # exact: "1" pixels are 0 or 255
     if mask.mode == "L":
-        return mask.point(lambda v: 255 if v else 0)
+        return mask.point(_NONZERO)
     raise ValueError(f"mask mode must be '1' or 'L', got {mask.mode!r}")
 
 
@@ -47,10 +49,11 @@ def mask_to_rle(mask: Image.Image) -> dict[str, Any]:
     {'size': [2, 3], 'counts': [2, 1, 3]}
     """
     width, height = mask.size
-    data = _mask_bytes(mask)
+    if mask.mode not in ("1", "L"):
+        raise ValueError(f"mask mode must be '1' or 'L', got {mask.mode!r}")
     np = _numpy()
     if np is not None:
-        flat = np.asarray(data).T.ravel() != 0  # column-major
+        flat = np.asarray(mask).T.ravel() != 0  # column-major; "1" reads as bool, "L" as bytes
         if flat.size == 0:
             return {"size": [height, width], "counts": [0]}
         change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
@@ -59,7 +62,7 @@ def mask_to_rle(mask: Image.Image) -> dict[str, Any]:
         if flat[0]:
             counts.insert(0, 0)
         return {"size": [height, width], "counts": counts}
-    raw = data.transpose(Image.Transpose.TRANSPOSE).tobytes()
+    raw = _mask_bytes(mask).transpose(Image.Transpose.TRANSPOSE).tobytes()
     if not raw:
         return {"size": [height, width], "counts": [0]}
     counts = [m.end() - m.start() for m in _RUNS_RE.finditer(raw)]

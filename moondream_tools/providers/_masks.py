@@ -16,9 +16,8 @@ def decode_mask(data: bytes, what: str, request_id: str | None) -> Image.Image:
     """A mask image's bytes -> a binary mask (mode "L", 0/255), or a :class:`ResponseError`
     that says what arrived instead (not an image; a colour picture, not a mask)."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            image = opened.copy()
+        image = Image.open(io.BytesIO(data))
+        image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ResponseError(
             f"{what}: the mask is not an image ({len(data)} bytes: {type(exc).__name__})", request_id=request_id
