@@ -43,10 +43,11 @@ async def fake() -> AsyncIterator[FakeMoondream]:
         yield server
 
 
-@pytest.fixture(params=["moondream", "fal+sam3"])
+@pytest.fixture(params=["moondream", "fal", "fal+sam3"])
 async def backends(request: pytest.FixtureRequest, fake: FakeMoondream) -> AsyncIterator[tuple[Any, Any]]:
-    """``(backend, segment_backend)`` on the emulator: Moondream's own API, or Moondream 3 on
-    fal.ai with SAM 3 for segmentation. Tests taking it run the tools on both."""
+    """``(backend, segment_backend)`` on the emulator: Moondream's own API, Moondream 3 on
+    fal.ai, or Moondream 3 on fal.ai with SAM 3 for segmentation. Tests taking it run the
+    tools on all three."""
     if request.param == "moondream":
         async with AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url) as md:
             yield md, None
@@ -54,7 +55,7 @@ async def backends(request: pytest.FixtureRequest, fake: FakeMoondream) -> Async
     async with FalMoondream(api_key=fake.fal_key, base_url=fake.fal_base_url) as fal, FalSam3(
         api_key=fake.fal_key, base_url=fake.fal_base_url
     ) as sam:
-        yield fal, sam
+        yield fal, (sam if request.param == "fal+sam3" else None)
 
 
 @pytest.fixture
