@@ -50,7 +50,7 @@ from multidict import CIMultiDict
 from ._sessions import SessionScope, abandon_session, run_sync
 from ._streaming import Stream, decode_sse
 from ._version import __version__
-from .images import ReferenceKind, read_response_capped, reference_kind
+from .images import ReferenceKind, reference_kind
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -498,16 +498,24 @@ class Transport:
         await self.sessions.aclose()
 
     def url(self, route: str) -> str:
-        """The URL of ``route``: appended to ``base_url``, or an absolute URL on an allowed origin."""
-        if reference_kind(route) is not ReferenceKind.URL:
-            return self.base_url + route
+        """The URL of ``route``: a path (``/...``) appended to ``base_url``, or an absolute URL
+        on one of the transport's origins. Anything else, or a URL whose origin (scheme, host,
+        port, no user info) is not allowed, is a :class:`ResponseError`: auth headers only go
+        to the service's own hosts."""
+        if reference_kind(route) is ReferenceKind.URL:
+            url = route
+        elif route.startswith("/"):
+            url = self.base_url + route
+        else:
+            raise ResponseError(f"not a route or an absolute URL: {route[:60]!r}")
         allowed = {origin_of(self.base_url), *self.other_origins}
-        if origin_of(route) not in allowed:
+        parts = urllib.parse.urlsplit(url)
+        if parts.username is not None or parts.password is not None or origin_of(url) not in allowed:
             raise ResponseError(
-                f"the server sent a URL on another host ({origin_of(route)}); only"
+                f"the server sent a URL on another host ({origin_of(url)}); only"
                 f" {', '.join(sorted(allowed))} get this client's requests"
             )
-        return route
+        return url
 
     async def download(self, url: str, *, max_bytes: int, options: CallOptions) -> bytes:
         """GET ``url`` without auth headers (a presigned or file URL), capped at ``max_bytes``.
@@ -516,14 +524,27 @@ class Transport:
         """
         if reference_kind(url) is not ReferenceKind.URL:
             raise ResponseError(f"the server sent a file URL that is not http(s): {url[:60]!r}")
+        shown = self.redactor(url.split("?")[0])  # a presigned URL's query is a credential
         try:
             async with self.sessions.session() as session:
                 async with session.get(url, timeout=options.timeout._aiohttp()) as resp:
-                    return await read_response_capped(resp, max_bytes, url)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise self._connection_error(url.split("?")[0], exc, options) from None
-        except MoondreamError as exc:  # ImageError from the capped reader
-            raise ResponseError(f"the file at {url.split('?')[0]!r} could not be downloaded: {exc}") from None
+                    if resp.status != 200:
+                        raise ResponseError(f"downloading the file at {shown!r} failed: HTTP {resp.status}")
+                    declared = resp.content_length
+                    if declared is not None and declared > max_bytes:
+                        raise ResponseError(f"the file at {shown!r} is {declared} bytes, over the limit of {max_bytes}")
+                    data = bytearray()
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        data += chunk
+                        if len(data) > max_bytes:
+                            raise ResponseError(f"the file at {shown!r} is over the limit of {max_bytes} bytes")
+                    return bytes(data)
+        except TimeoutError:
+            raise APITimeoutError(f"downloading the file at {shown!r} timed out; retry, or raise timeout=") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise APIConnectionError(
+                f"downloading the file at {shown!r} failed ({type(exc).__name__}); retry later"
+            ) from None
 
     # ------------------------------------------------------------ public requests
 

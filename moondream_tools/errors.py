@@ -184,8 +184,8 @@ class ResponseError(MoondreamError):
 
     #: Appended to every message: what a caller can do about a malformed answer.
     ADVICE = (
-        "The server did not answer like the Moondream API: retry, and if it persists check"
-        " that base_url points to a Moondream server."
+        "The server did not answer as its API promises: retry, and if it persists check"
+        " that base_url points to the right service."
     )
 
     def __init__(self, message: str, *, request_id: str | None = None) -> None:

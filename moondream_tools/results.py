@@ -18,6 +18,7 @@ supervision reads it unchanged::
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from xml.sax.saxutils import escape as xml_escape
@@ -317,7 +318,8 @@ class Segmentation(_Result):
     (not to the image); ``bbox`` is normalized to the image. From a model that answers with
     mask images (SAM 3), ``mask_rle`` holds the mask exactly (COCO RLE at the mask's own
     size, ``mask_size``), ``path`` is empty, and ``instances`` holds each mask the model
-    returned, with its ``score``, in reading order (this segmentation is their union). Both
+    returned, with its ``score``, in reading order (this segmentation is their union);
+    ``capped`` says the model hit its mask limit, so there may be more. Both
     kinds have the same surface below. An empty result (``found`` False) means nothing
     matching was found. Pixel values are in the oriented image (``image_size``); holes and
     islands follow the even-odd rule.
@@ -341,6 +343,7 @@ class Segmentation(_Result):
     mask_rle: dict[str, Any] | None = None
     score: float | None = None
     instances: list[Segmentation] = Field(default_factory=list)
+    capped: bool = False
 
     @field_validator("path", mode="before")
     @classmethod
@@ -398,7 +401,8 @@ class Segmentation(_Result):
         instances: list[Segmentation] = []
         for index, mask in enumerate(masks):
             score = scores[index] if scores is not None and index < len(scores) else None
-            single = cls._from_raster(mask, image_size, object, request_id, None, float(score) if isinstance(score, (int, float)) else None)
+            finite = isinstance(score, (int, float)) and math.isfinite(score)
+            single = cls._from_raster(mask, image_size, object, request_id, None, float(score) if finite else None)
             if single.found:
                 instances.append(single)
         boxes = [(i.bbox.x_min, i.bbox.y_min, i.bbox.x_max, i.bbox.y_max) for i in instances if i.bbox]

@@ -12,11 +12,17 @@ from ..geometry import binary_mask
 __all__ = ["decode_mask"]
 
 
-def decode_mask(data: bytes, what: str, request_id: str | None) -> Image.Image:
+def decode_mask(data: bytes, what: str, request_id: str | None, *, max_pixels: int) -> Image.Image:
     """A mask image's bytes -> a binary mask (mode "L", 0/255), or a :class:`ResponseError`
-    that says what arrived instead (not an image; a colour picture, not a mask)."""
+    that says what arrived instead (not an image; a colour picture, not a mask; a mask over
+    ``max_pixels``, refused before it is decoded)."""
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ResponseError(
+                f"{what}: the mask is {width}x{height} pixels, over the limit of {max_pixels}", request_id=request_id
+            )
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ResponseError(

@@ -172,5 +172,5 @@ class AIGatewaySegmenter(HttpBackend):
             mask_bytes = await self._transport.download(first["url"], max_bytes=self.image_settings.max_bytes, options=options)
         else:
             raise ResponseError("AIgateway images/edits: data[0] has neither b64_json nor url", request_id=rid)
-        mask = decode_mask(mask_bytes, "AIgateway images/edits", rid)
+        mask = decode_mask(mask_bytes, "AIgateway images/edits", rid, max_pixels=self.image_settings.max_pixels)
         return Segmentation.from_masks([mask], image_size=prepared.size, object=object, request_id=rid)

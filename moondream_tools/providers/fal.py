@@ -55,6 +55,8 @@ __all__ = ["FAL_PROFILE", "FalMoondream", "FalSam3"]
 
 MOONDREAM_ENDPOINT = "fal-ai/moondream3-preview"
 SAM3_ENDPOINT = "fal-ai/sam-3/image"
+#: The most masks fal's SAM 3 schema lets one request ask for.
+SAM3_MAX_MASKS = 32
 DEFAULT_QUEUE_BASE_URL = "https://queue.fal.run"
 
 
@@ -172,15 +174,20 @@ class _FalBackend(HttpBackend):
             raise
 
     async def _queued(self, endpoint: str, body: dict[str, Any], options: CallOptions) -> tuple[dict[str, Any], str | None]:
-        submitted, _ = await self._transport.request_json(
-            "POST", f"{self.queue_base_url}/{endpoint}", body, headers=self._auth(), options=options
+        """Submit, poll, fetch; the call's ``timeout`` bounds it all. A job the caller gives up on
+        (timeout, cancellation, a failure before it completed) is cancelled on fal's side."""
+        submit = asyncio.ensure_future(
+            self._transport.request_json(
+                "POST", f"{self.queue_base_url}/{endpoint}", body, headers=self._auth(), options=options
+            )
         )
-        urls = {name: submitted.get(name) for name in ("status_url", "response_url", "cancel_url")}
-        if not all(isinstance(u, str) for u in urls.values()):
-            raise ResponseError(f"{endpoint}: fal's queue answer lacks status_url / response_url / cancel_url")
-        request_id = submitted.get("request_id") if isinstance(submitted.get("request_id"), str) else None
+        urls: dict[str, str] | None = None
+        completed = False
         try:
             async with asyncio.timeout(options.timeout.total):
+                submitted, _ = await asyncio.shield(submit)
+                urls = _queue_urls(endpoint, submitted)
+                request_id = submitted.get("request_id") if isinstance(submitted.get("request_id"), str) else None
                 delay = self.queue_poll_interval
                 while True:
                     status, _ = await self._transport.request_json(
@@ -188,6 +195,7 @@ class _FalBackend(HttpBackend):
                     )
                     state = status.get("status")
                     if state == "COMPLETED":
+                        completed = True
                         if status.get("error"):
                             raise APIStatusError(
                                 f"{endpoint}: fal's queue finished the request with an error"
@@ -203,17 +211,32 @@ class _FalBackend(HttpBackend):
                 return await self._transport.request_json(
                     "GET", urls["response_url"], headers=self._auth(), options=options
                 )
-        except TimeoutError:
-            await self._cancel(urls["cancel_url"], options)
-            raise APITimeoutError(
-                f"{endpoint}: fal's queue did not finish within the timeout ({options.timeout.total} s);"
-                " the request was cancelled. Raise timeout= or retry later."
-            ) from None
-        except asyncio.CancelledError:
-            await asyncio.shield(self._cancel(urls["cancel_url"], options))
+        except BaseException as exc:
+            if not completed:
+                await asyncio.shield(self._abandon(submit, urls, endpoint))
+            if isinstance(exc, TimeoutError):
+                raise APITimeoutError(
+                    f"{endpoint}: fal's queue did not finish within the timeout ({options.timeout.total} s);"
+                    " the request was cancelled. Raise timeout= or retry later."
+                ) from None
             raise
 
-    async def _cancel(self, cancel_url: str, options: CallOptions) -> None:
+    async def _abandon(self, submit: asyncio.Future[Any], urls: dict[str, str] | None, endpoint: str) -> None:
+        """Cancel a job that will not be waited for: once its submit has answered (a submit
+        still on its way is let finish first, so a job fal accepted is never left running)."""
+        if urls is None:
+            try:
+                submitted, _ = await asyncio.wait_for(asyncio.shield(submit), 10.0)
+                urls = _queue_urls(endpoint, submitted)
+            except BaseException:  # noqa: BLE001 - the submit failed or never answered: no job to cancel
+                if submit.done() and not submit.cancelled():
+                    submit.exception()  # retrieved
+                else:
+                    submit.cancel()
+                return
+        await self._cancel(urls["cancel_url"])
+
+    async def _cancel(self, cancel_url: str) -> None:
         """Ask fal to drop a queued request; a failure to cancel is not the caller's error."""
         try:
             await self._transport.request_json(
@@ -221,6 +244,13 @@ class _FalBackend(HttpBackend):
             )
         except Exception:  # noqa: BLE001 - best effort: the job times out on fal's side anyway
             pass
+
+
+def _queue_urls(endpoint: str, submitted: dict[str, Any]) -> dict[str, str]:
+    urls = {name: submitted.get(name) for name in ("status_url", "response_url", "cancel_url")}
+    if not all(isinstance(u, str) and reference_kind(u) is ReferenceKind.URL for u in urls.values()):
+        raise ResponseError(f"{endpoint}: fal's queue answer lacks absolute status_url / response_url / cancel_url")
+    return urls  # type: ignore[return-value]
 
 
 def _sampling(settings: SamplingSettings | Mapping[str, Any] | None, allowed: Sequence[str], skill: str) -> dict[str, Any]:
@@ -485,10 +515,13 @@ class FalSam3(_FalBackend):
         options = self._transport.options(timeout, max_retries)
         prepared = await self.prepare(image)
         width, height = prepared.segment_upload_width, prepared.segment_upload_height
-        points = [{"x": round(r[0] * width), "y": round(r[1] * height), "label": 1} for r in refs if len(r) == 2]
+
+        def px(value: float, side: int) -> int:  # a pixel of the image sent: 0 .. side - 1
+            return min(side - 1, max(0, round(value * side)))
+
+        points = [{"x": px(r[0], width), "y": px(r[1], height), "label": 1} for r in refs if len(r) == 2]
         boxes = [
-            {"x_min": round(r[0] * width), "y_min": round(r[1] * height),
-             "x_max": round(r[2] * width), "y_max": round(r[3] * height)}
+            {"x_min": px(r[0], width), "y_min": px(r[1], height), "x_max": px(r[2], width), "y_max": px(r[3], height)}
             for r in refs if len(r) == 4
         ]
         body: dict[str, Any] = {
@@ -504,21 +537,24 @@ class FalSam3(_FalBackend):
             body["point_prompts"] = points
         if boxes:
             body["box_prompts"] = boxes
-        if limit is not None:
-            body["max_masks"] = limit
+        body["max_masks"] = limit or SAM3_MAX_MASKS  # fal's default is 3: ask for every instance
         data, rid = await self._call(SAM3_ENDPOINT, body, options)
         masks = data.get("masks")
         if not isinstance(masks, list):
             raise ResponseError("fal SAM 3: the answer has no masks list", request_id=rid)
+        masks = masks[: body["max_masks"]]
         images = [await self._mask_image(entry, options, rid) for entry in masks]
         scores = data.get("scores")
-        return Segmentation.from_masks(
+        result = Segmentation.from_masks(
             images,
             scores=scores if isinstance(scores, list) else None,
             image_size=prepared.size,
             object=object,
             request_id=rid,
         )
+        if len(masks) >= body["max_masks"]:
+            result = result.model_copy(update={"capped": True})
+        return result
 
     async def _mask_image(self, entry: Any, options: CallOptions, request_id: str | None) -> Image.Image:
         url = entry.get("url") if isinstance(entry, dict) else None
@@ -532,4 +568,4 @@ class FalSam3(_FalBackend):
                 raise ResponseError("fal SAM 3: a mask data URI is not valid base64", request_id=request_id) from None
         else:
             data = await self._transport.download(url, max_bytes=self.image_settings.max_bytes, options=options)
-        return decode_mask(data, "fal SAM 3", request_id)
+        return decode_mask(data, "fal SAM 3", request_id, max_pixels=self.image_settings.max_pixels)

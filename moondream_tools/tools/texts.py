@@ -158,10 +158,13 @@ def _segment_text(name: str, obj: str, segmentation: Segmentation) -> str:
         f"{_xy(box.x_max, box.y_max)} px {where}, {regions}."
     )
     instances = segmentation.instances
-    if len(instances) > 1:  # a model that answers with several masks (SAM 3): say so, in reading order
+    if len(instances) > 1 or segmentation.capped:  # a model that answers with several masks (SAM 3)
         scores = [f"{i.score:.2f}" for i in instances if i.score is not None]
-        text += f" The model returned {len(instances)} masks (this is their union)"
+        number = f"at least {len(instances)}" if segmentation.capped else str(len(instances))
+        text += f" The model returned {number} masks (this is their union)"
         text += f", scores in reading order: {', '.join(scores)}." if len(scores) == len(instances) else "."
+        if segmentation.capped:
+            text += " It hit its mask limit; there may be more."
     return text
 
 

@@ -29,9 +29,12 @@ from moondream_tools import (
     BadRequestError,
     FalMoondream,
     FalSam3,
+    ImageSettings,
+    ImageSize,
     InsufficientCreditsError,
     InternalServerError,
     ResponseError,
+    Segmentation,
     UnsupportedSkillError,
     VisionBackend,
     VisionTools,
@@ -406,3 +409,98 @@ async def test_an_answer_that_is_not_a_mask_says_what_arrived(fake: FakeMoondrea
     fake.fail_next(1, status=200, body=json.dumps(body))
     with pytest.raises(ResponseError, match="not a mask: an RGB image"):
         await make("aigateway").segment(SCENE.render(), "blue square")
+
+
+# ------------------------------------------------------------------ review regressions
+
+
+@pytest.mark.parametrize("route", ["@evil.example/x", ".evil.example/x", ":8443/x", "https://queue.fal.run@evil.example/x"])
+async def test_the_key_only_goes_to_fals_own_hosts(make: Callable[..., Any], route: str) -> None:
+    fal = make("fal-queue")
+    with pytest.raises(ResponseError):
+        fal._transport.url(route)
+
+
+async def test_a_queue_answer_with_relative_urls_is_refused_and_nothing_leaks(
+    fake: FakeMoondream, make: Callable[..., Any]
+) -> None:
+    body = {"request_id": "r1", "status_url": "@evil.example/s", "response_url": "/r", "cancel_url": "/c"}
+    fake.fail_next(1, status=200, body=json.dumps(body))
+    with pytest.raises(ResponseError, match="lacks absolute status_url"):
+        await make("fal-queue").detect(SCENE.render(), "blue square")
+    assert all("evil" not in r.path for r in fake.requests)
+
+
+async def test_cancelled_during_submit_the_job_is_still_cancelled(fake: FakeMoondream, make: Callable[..., Any]) -> None:
+    fal = make("fal-queue")
+    prepared = await fal.prepare(SCENE.render())
+    fake.latency = 0.3
+    task = asyncio.create_task(fal.detect(prepared, "blue square"))
+    await asyncio.sleep(0.1)  # the submit is on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(fake.fal_cancelled) == 1, "the submit was let land, then the job cancelled"
+
+
+async def test_the_timeout_covers_the_submit_and_a_failed_poll_cancels(
+    fake: FakeMoondream, make: Callable[..., Any]
+) -> None:
+    fal = make("fal-queue")
+    prepared = await fal.prepare(SCENE.render())
+    fake.latency = 0.2
+    fake.fal_queue_stall_next()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(APITimeoutError):
+        await fal.detect(prepared, "blue square", timeout=0.3)
+    assert asyncio.get_running_loop().time() - started < 0.3 + 0.2 + 0.25, "submit + cancel, no more"
+    fake.latency = 0.0
+    fake.fail_next(1, status=500, route="/fal-queue/fal-ai/moondream3-preview/requests")
+    with pytest.raises(InternalServerError):
+        await fal.detect(prepared, "blue square", max_retries=0)
+    assert len(fake.fal_cancelled) == 2
+
+
+async def test_sam3_asks_for_every_instance_and_says_when_capped(fake: FakeMoondream, make: Callable[..., Any]) -> None:
+    five = Scene(1000, 300, [Shape("circle", "red", (100 + 200 * i, 150), 90) for i in range(5)])
+    sam = make("sam3")
+    result = await sam.segment(five.render(), "red circle")
+    assert fake.requests[-1].json["max_masks"] == 32 and len(result.instances) == 5 and not result.capped
+    limited = await sam.segment(five.render(), "red circle", settings={"max_objects": 2})
+    assert limited.capped and len(limited.instances) == 2
+    tools = VisionTools(make("fal"), segment_backend=sam)
+    tools.add_image(five.render())
+    assert "returned 5 masks" in (await tools.segment("img_1", "red circle")).text
+
+
+async def test_sam3_hints_stay_inside_the_image_sent(fake: FakeMoondream, make: Callable[..., Any]) -> None:
+    await make("sam3").segment(SCENE.render(), "blue square", spatial_refs=[[1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    body = fake.requests[-1].json
+    assert body["point_prompts"][0] == {"x": W - 1, "y": H - 1, "label": 1}
+    assert body["box_prompts"][0] == {"x_min": 0, "y_min": 0, "x_max": W - 1, "y_max": H - 1}
+
+
+async def test_a_failed_mask_download_never_shows_the_presigned_query(fake: FakeMoondream, make: Callable[..., Any]) -> None:
+    url = f"{fake.url}/aigateway-files/nope/mask.png?token=sk-live-SECRET123&sig=abc"
+    fake.fail_next(1, status=200, body=json.dumps({"created": 1, "data": [{"url": url}]}))
+    with pytest.raises(ResponseError) as info:
+        await make("aigateway").segment(SCENE.render(), "blue square")
+    assert "HTTP 404" in str(info.value) and "sk-live-SECRET123" not in str(info.value)
+
+
+async def test_an_oversized_mask_is_refused_before_decoding(fake: FakeMoondream) -> None:
+    huge = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(huge, "PNG")
+    fake.fail_next(1, status=200, body=json.dumps({"created": 1, "data": [{"b64_json": base64.b64encode(huge.getvalue()).decode()}]}))
+    async with AIGatewaySegmenter(
+        api_key=fake.aigateway_key, base_url=fake.aigateway_base_url, image_settings=ImageSettings(max_pixels=1_000_000)
+    ) as gateway:
+        with pytest.raises(ResponseError, match="3000x3000 pixels, over the limit of 1000000"):
+            await gateway.segment(SCENE.render(), "blue square")
+
+
+def test_non_finite_scores_are_dropped() -> None:
+    mask = Image.new("L", (8, 8))
+    mask.putpixel((2, 2), 255)
+    result = Segmentation.from_masks([mask], image_size=ImageSize(width=8, height=8), scores=[float("nan")])
+    assert result.found and result.score is None and result.instances[0].score is None
