@@ -54,7 +54,6 @@ from typing import Union
 
 from PIL import Image, ImageChops, ImageColor, ImageDraw, ImageFilter, ImageFont
 
-from .errors import ImageError
 from .geometry import box_to_pixels, point_to_pixels, points_reading_order, reading_order
 from .images import ImageSettings, decode_image, read_image_file
 from .results import Detections, Points, Segmentation

@@ -1,5 +1,9 @@
 """Result models: what every client call returns.
 
+Every result type lives here (about 650 lines): they share one base, one parser
+(:func:`parse_result`) and one set of conventions, and ``Segmentation`` alone (paths and
+raster masks with the same surface) is a third of it.
+
 All results are frozen pydantic models. They keep Moondream's normalized coordinates
 exactly as the server returned them, the oriented size of the image they describe
 (``image_size``: EXIF orientation applied, before any downscaling for upload) and the

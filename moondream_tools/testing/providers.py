@@ -1,5 +1,9 @@
 """fal.ai and AIgateway on the ``FakeMoondream`` server, over the same toy vision engine.
 
+It is one module of about 1,000 lines on purpose, like ``server.py``: two services' whole
+wire formats (routes, validation, queue lifecycle, files, errors) read in one place, apart
+from the client code they test.
+
 Routes (all on ``fake.url``; requests are recorded in ``fake.requests``, ``latency``, the
 rate limit and every fault injector apply as on the native routes):
 

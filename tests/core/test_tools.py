@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import re
+from typing import Any
 from pathlib import Path
 
 import numpy as np
