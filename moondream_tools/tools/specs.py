@@ -52,11 +52,18 @@ class DescribeImageArgs(_Args):
     )
 
 
+_MORE_OBJECTS_FIELD = (
+    "Up to 7 further phrases to look for in the same call, e.g. ['person', 'bicycle'] with "
+    "object 'car'; the answer is grouped per phrase."
+)
+
+
 class CountObjectsArgs(_Args):
     """Arguments of ``count_objects``."""
 
     image: str = Field(description=_IMAGE_FIELD)
     object: str = Field(description=_OBJECT_FIELD)
+    more_objects: list[str] | None = Field(default=None, max_length=7, description=_MORE_OBJECTS_FIELD)
 
 
 class LocateObjectsArgs(_Args):
@@ -64,6 +71,7 @@ class LocateObjectsArgs(_Args):
 
     image: str = Field(description=_IMAGE_FIELD)
     object: str = Field(description=_OBJECT_FIELD)
+    more_objects: list[str] | None = Field(default=None, max_length=7, description=_MORE_OBJECTS_FIELD)
 
 
 class SegmentObjectArgs(_Args):

@@ -60,19 +60,29 @@ class DescribeResult(ToolResult):
 
 
 class CountResult(ToolResult):
-    """``count_objects``: the number found, whether it hit the limit, and the points."""
+    """``count_objects``: the number found, whether it hit the limit, and the points.
+
+    With further phrases (``more_objects``), ``more`` holds one ``CountResult`` per further
+    phrase, in the order asked, and ``text`` is the texts of all, one line per phrase.
+    """
 
     object: str
     count: int
     capped: bool
     points: Points
+    more: list[CountResult] = Field(default_factory=list)
 
 
 class LocateResult(ToolResult):
-    """``locate_objects``: the boxes found (``detections``), in reading order in ``text``."""
+    """``locate_objects``: the boxes found (``detections``), in reading order in ``text``.
+
+    With further phrases (``more_objects``), ``more`` holds one ``LocateResult`` per further
+    phrase, in the order asked, and ``text`` is the texts of all, one line per phrase.
+    """
 
     object: str
     detections: Detections
+    more: list[LocateResult] = Field(default_factory=list)
 
 
 class SegmentResult(ToolResult):

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -300,16 +300,27 @@ class VisionTools:
             more_image_sizes=[p.size for p in prepared[1:]],
         )
 
-    async def count(self, image: str, object: str) -> CountResult:
-        """``count_objects``: count ``object`` with Moondream's point skill.
+    async def count(self, image: str, object: str, *, more_objects: Sequence[str] | None = None) -> CountResult:
+        """``count_objects``: count ``object`` (and any ``more_objects``) with the point skill.
+
+        Each phrase is one request, all at once, on one prepared image; the result for
+        ``object`` carries the others in ``more`` and a text with one line per phrase.
 
         Example::
 
             result = await tools.count("img_1", "person")
             print(result.count, result.capped, result.text)
+            both = await tools.count("img_1", "car", more_objects=["person"])
+            print(both.count, both.more[0].count)
         """
         require_skill(self.backend, "point")
+        phrases = _phrases(object, more_objects)
         prepared = await self._resolve(image)
+        results = await _each(phrases, lambda phrase: self._count_one(image, phrase, prepared))
+        png = await self._annotate(prepared, *(r.points for r in results))
+        return _grouped(results, png)
+
+    async def _count_one(self, image: str, object: str, prepared: PreparedImage) -> CountResult:
         points = await self.backend.point(prepared, object, settings={"max_objects": self.max_objects})
         capped = len(points.points) >= self.max_objects
         return CountResult(
@@ -321,11 +332,11 @@ class VisionTools:
             count=len(points.points),
             capped=capped,
             points=points,
-            annotated_png=await self._annotate(prepared, points),
         )
 
-    async def locate(self, image: str, object: str) -> LocateResult:
-        """``locate_objects``: boxes of every ``object``, in pixels and reading order.
+    async def locate(self, image: str, object: str, *, more_objects: Sequence[str] | None = None) -> LocateResult:
+        """``locate_objects``: boxes of every ``object`` (and any ``more_objects``), in pixels
+        and reading order; one request per phrase, all at once.
 
         Example::
 
@@ -333,7 +344,13 @@ class VisionTools:
             print(result.text)
         """
         require_skill(self.backend, "detect")
+        phrases = _phrases(object, more_objects)
         prepared = await self._resolve(image)
+        results = await _each(phrases, lambda phrase: self._locate_one(image, phrase, prepared))
+        png = await self._annotate(prepared, *(r.detections for r in results))
+        return _grouped(results, png)
+
+    async def _locate_one(self, image: str, object: str, prepared: PreparedImage) -> LocateResult:
         detections = await self.backend.detect(prepared, object, settings={"max_objects": self.max_objects})
         return LocateResult(
             tool="locate_objects",
@@ -342,7 +359,6 @@ class VisionTools:
             text=_locate_text(image, object, detections),
             object=object,
             detections=detections,
-            annotated_png=await self._annotate(prepared, detections),
         )
 
     async def segment(
@@ -429,6 +445,41 @@ class VisionTools:
     def run_sync(self, tool: str, arguments: Mapping[str, Any]) -> ToolResult:
         """:meth:`run` for synchronous code, in a plain script or inside a running loop."""
         return run_sync(lambda: self.run(tool, arguments))
+
+
+_R = TypeVar("_R", CountResult, LocateResult)
+
+
+def _phrases(object: str, more: Sequence[str] | None) -> list[str]:
+    """The phrases of one count/locate call: ``object`` first, then the others, once each."""
+    phrases = [object, *(more or [])]
+    if len(phrases) > 8:
+        raise ToolArgumentsError(f"more_objects takes at most 7 phrases, got {len(phrases) - 1}")
+    if not all(isinstance(p, str) and p.strip() for p in phrases):
+        raise ToolArgumentsError("every object phrase must be a non-empty string, e.g. 'car'")
+    return list(dict.fromkeys(p.strip() for p in phrases))
+
+
+async def _each(phrases: list[str], run: Callable[[str], Awaitable[_R]]) -> list[_R]:
+    """``run`` for every phrase at once; the first failure cancels the rest and is raised."""
+    if len(phrases) == 1:
+        return [await run(phrases[0])]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(run(phrase)) for phrase in phrases]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+def _grouped(results: list[_R], png: bytes | None) -> _R:
+    """The first phrase's result carrying the others (``more``) and one text line per phrase."""
+    first = results[0]
+    if len(results) == 1:
+        return first.model_copy(update={"annotated_png": png})
+    return first.model_copy(
+        update={"more": results[1:], "text": "\n".join(r.text for r in results), "annotated_png": png}
+    )
 
 
 def _pixel_values(values: Sequence[float], count: int, what: str) -> list[float]:

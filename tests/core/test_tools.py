@@ -20,6 +20,7 @@ from moondream_tools import (
     ImageAccessError,
     ImageError,
     ImagePolicy,
+    MoondreamError,
     RateLimitError,
     ToolArgumentsError,
     UnsupportedSkillError,
@@ -322,7 +323,8 @@ def test_specs_are_what_models_need() -> None:
         "image", "question", "length", "reasoning", "more_images"
     }
     assert set(TOOL_SPECS["segment_object"].args_schema.model_fields) == {"image", "object", "point", "box"}
-    assert set(TOOL_SPECS["count_objects"].args_schema.model_fields) == {"image", "object"}
+    assert set(TOOL_SPECS["count_objects"].args_schema.model_fields) == {"image", "object", "more_objects"}
+    assert set(TOOL_SPECS["locate_objects"].args_schema.model_fields) == {"image", "object", "more_objects"}
 
 
 # ------------------------------------------------------------------ several images in one question
@@ -356,3 +358,31 @@ async def test_several_images_need_a_question_and_a_chat_backend(fake: FakeMoond
         with pytest.raises(ToolArgumentsError, match="more_images"):
             await tools.run("describe_image", {"image": "img_1", "question": "?", "more_images": ["a", "b", "c", "d"]})
     assert fake.requests == []
+
+
+# ------------------------------------------------------------------ several phrases in one call
+
+
+async def test_count_and_locate_several_phrases_at_once(fake: FakeMoondream, tools: VisionTools) -> None:
+    before = len(fake.requests)
+    result = await tools.run("count_objects", {"image": "img_1", "object": "red circle", "more_objects": ["blue square"]})
+    assert len(fake.requests) - before == 2, "one request per phrase"
+    assert result.count == 3 and [m.count for m in result.more] == [1] and result.more[0].object == "blue square"
+    lines = result.text.splitlines()
+    assert lines[0].startswith('Counted 3 "red circle" in img_1') and lines[1].startswith('Counted 1 "blue square"')
+    located = await tools.locate("img_1", "blue square", more_objects=["red circle", "blue square"])
+    assert [r.object for r in [located, *located.more]] == ["blue square", "red circle"], "each phrase once"
+    square = CROWD.matching("blue square")[0]
+    assert abs(located.detections.objects[0].x_min - square.bbox[0]) <= 0.02
+    single = await tools.count("img_1", "red circle")
+    assert single.more == [] and "\n" not in single.text
+
+
+async def test_one_failing_phrase_fails_the_call_with_a_typed_error(fake: FakeMoondream, client: AsyncMoondream) -> None:
+    tools = VisionTools(client)
+    tools.add_image(CROWD.render())
+    fake.fail_next(1, status=400)
+    with pytest.raises(MoondreamError):
+        await tools.count("img_1", "red circle", more_objects=["blue square"])
+    with pytest.raises(ToolArgumentsError, match="at most 7"):
+        await tools.count("img_1", "a", more_objects=list("bcdefghi"))
