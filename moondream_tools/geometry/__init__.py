@@ -41,7 +41,11 @@ Modules (everything public is re-exported here; import from ``moondream_tools.ge
   :func:`rle_from_string`, :func:`rle_to_mask`);
 - :mod:`.masks`: mask images -> binary masks and exact outline rings
   (:func:`binary_mask`, :func:`mask_union`, :func:`mask_area`, :func:`mask_bbox`,
-  :func:`mask_to_rings`, :func:`scale_rings`, :func:`rings_to_path`).
+  :func:`mask_to_rings`, :func:`scale_rings`, :func:`rings_to_path`);
+- :mod:`.merge`: tile coordinates -> image pixels and the merging of boxes and points
+  found in overlapping tiles (:func:`tile_box_to_pixels`, :func:`tile_point_to_pixels`,
+  :func:`intersection_over_smaller`, :func:`union_box`, :func:`merge_boxes`,
+  :func:`merge_points`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ from .masks import (
     mask_union,
     rings_to_path,
     scale_rings,
+)
+from .merge import (
+    intersection_over_smaller,
+    merge_boxes,
+    merge_points,
+    tile_box_to_pixels,
+    tile_point_to_pixels,
+    union_box,
 )
 from .paths import Command, parse_path
 from .raster import rasterize
@@ -99,4 +111,10 @@ __all__ = [
     "mask_to_rings",
     "scale_rings",
     "rings_to_path",
+    "tile_box_to_pixels",
+    "tile_point_to_pixels",
+    "intersection_over_smaller",
+    "union_box",
+    "merge_boxes",
+    "merge_points",
 ]

@@ -107,14 +107,30 @@ def _more(total: int) -> str:
     return f"; ... and {total - _MAX_LISTED} more" if total > _MAX_LISTED else ""
 
 
+def _tiles_text(result: Detections | Points) -> tuple[str, str]:
+    """(" over N tiles", notes on capped and unreadable tiles) for a tiled result, else ("", "")."""
+    tiles = getattr(result, "tiles", None)
+    if not tiles or len(tiles) < 2:
+        return "", ""
+    notes = ""
+    failed = [t for t in tiles if t.error]
+    if failed:
+        parts = "; ".join(
+            f"{_xy(t.box[0], t.box[1])}-{_xy(t.box[2], t.box[3])} ({t.error.rstrip('.')})" for t in failed
+        )
+        notes += f" Could not read {len(failed)} of {len(tiles)} parts of the image, so they are not counted: {parts}."
+    return f" over {len(tiles)} tiles", notes
+
+
 def _count_text(name: str, obj: str, points: Points, capped: bool, limit: int) -> str:
     size = points.image_size
     assert size is not None
     pixels = [(p.x, p.y) for p in points.to_pixels()]
     number = f"at least {len(pixels)}" if capped else str(len(pixels))
-    head = f'Counted {number} "{obj}" in {_size_text(name, size)}'
+    over, notes = _tiles_text(points)
+    head = f'Counted {number} "{obj}" in {_size_text(name, size)}{over}'
     if not pixels:
-        return head + "."
+        return head + "." + notes
     order = points_reading_order(pixels, size.width, size.height)
     items = []
     for rank, index in enumerate(order[:_MAX_LISTED], start=1):
@@ -123,17 +139,21 @@ def _count_text(name: str, obj: str, points: Points, capped: bool, limit: int) -
         items.append(f"#{rank} at {_xy(x, y)} {position_word(p.x, p.y)}")
     text = f"{head}: " + ", ".join(items) + _more(len(pixels)) + "."
     if capped:
-        text += f" The result hit the limit of {limit} objects; there may be more."
-    return text
+        where = " in at least one tile" if over else ""
+        text += f" The result hit the limit of {limit} objects{where}; there may be more."
+    return text + notes
 
 
 def _locate_text(name: str, obj: str, detections: Detections) -> str:
     size = detections.image_size
     assert size is not None
     boxes = detections.to_pixels()
-    head = f'Found {len(boxes)} "{obj}" in {_size_text(name, size)}'
+    over, notes = _tiles_text(detections)
+    if getattr(detections, "capped", False):
+        notes = " The result hit the limit of objects in at least one tile; there may be more." + notes
+    head = f'Found {len(boxes)} "{obj}" in {_size_text(name, size)}{over}'
     if not boxes:
-        return head + "."
+        return head + "." + notes
     order = reading_order([(b.x_min, b.y_min, b.x_max, b.y_max) for b in boxes])
     items = []
     for rank, index in enumerate(order[:_MAX_LISTED], start=1):
@@ -144,7 +164,8 @@ def _locate_text(name: str, obj: str, detections: Detections) -> str:
             f"#{rank} box {_xy(b.x_min, b.y_min)}-{_xy(b.x_max, b.y_max)} {center}"
             f" [normalized {n[0]:.3f}, {n[1]:.3f}, {n[2]:.3f}, {n[3]:.3f}]"
         )
-    return f"{head} (boxes are x_min, y_min - x_max, y_max in pixels): " + "; ".join(items) + _more(len(boxes)) + "."
+    listed = "; ".join(items) + _more(len(boxes))
+    return f"{head} (boxes are x_min, y_min - x_max, y_max in pixels): {listed}.{notes}"
 
 
 def _segment_text(name: str, obj: str, segmentation: Segmentation) -> str:

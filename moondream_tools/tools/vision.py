@@ -18,7 +18,8 @@ from ..geometry import pixels_to_box, pixels_to_point
 from ..images import ImageInput, PreparedImage, ReferenceKind, reference_kind
 from ..policy import ImagePolicy
 from ..render import annotate_png
-from ..results import Answer, Caption, Points, Reasoning
+from ..results import Answer, Caption, Detections, Points, Reasoning
+from ..tiling import DEFAULT_MAX_TILES, TilingMode, plan_tiles, tiled_detect, tiled_point
 from .specs import TOOL_SPECS
 from .texts import (
     CountResult,
@@ -38,7 +39,7 @@ _HANDLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 #: The options :meth:`VisionTools.from_options` (and so every adapter) accepts.
-VISION_OPTIONS = ("backend", "segment_backend", "image_policy", "return_images", "max_objects")
+VISION_OPTIONS = ("backend", "segment_backend", "image_policy", "return_images", "max_objects", "tiling", "max_tiles")
 
 
 class VisionTools:
@@ -55,7 +56,14 @@ class VisionTools:
             (default: registered handles only).
         return_images: add an annotated PNG of each result (``annotated_png``), for
             multimodal models. Off by default: several providers reject images in tool results.
-        max_objects: the limit sent to the backend when counting and locating.
+        max_objects: the limit sent to the backend when counting and locating (per tile
+            when tiled).
+        tiling: ``"auto"`` (default), ``"always"``, ``"never"`` or a ``(rows, cols)`` grid:
+            count and locate over overlapping tiles, exact across tile borders, so small
+            objects in large images are not lost (:mod:`moondream_tools.tiling`). ``"auto"``
+            tiles only images whose long side is more than 4x what the model works at (a
+            6000 x 4000 photo: 15 requests a phrase; a 4000 x 3000 one: 1).
+        max_tiles: the most tiles, so requests, one phrase may cost (default 16).
 
     Methods return a :class:`ToolResult` and raise :class:`MoondreamError` on failure;
     :meth:`run` and :meth:`run_sync` take a tool name and model-written arguments, as the
@@ -77,6 +85,8 @@ class VisionTools:
         image_policy: ImagePolicy | None = None,
         return_images: bool = False,
         max_objects: int = DEFAULT_MAX_OBJECTS,
+        tiling: TilingMode | tuple[int, int] = "auto",
+        max_tiles: int = DEFAULT_MAX_TILES,
     ) -> None:
         for name, value in (("backend", backend), ("segment_backend", segment_backend)):
             if value is not None and not isinstance(value, VisionBackend):
@@ -87,6 +97,7 @@ class VisionTools:
             raise TypeError(f"image_policy must be an ImagePolicy, got {type(image_policy).__name__}")
         if max_objects < 1:
             raise ValueError("max_objects must be at least 1")
+        plan_tiles(1000, 1000, tiling=tiling, max_tiles=max_tiles)  # refuses a bad mode or limit now
         self._owns_backend = backend is None
         if backend is None:
             from ..client import AsyncMoondream  # the default backend, built only when none is given
@@ -97,6 +108,8 @@ class VisionTools:
         self.policy = image_policy if image_policy is not None else ImagePolicy()
         self.return_images = return_images
         self.max_objects = max_objects
+        self.tiling = tiling
+        self.max_tiles = max_tiles
         self._registry: dict[str, ImageInput] = {}
 
     @classmethod
@@ -190,12 +203,19 @@ class VisionTools:
         return ImageAccessError(f"image {reference!r} is not registered; registered: {names}{also}")
 
     async def _resolve(self, reference: str) -> PreparedImage:
-        """One pass down: registry or policy -> a trusted source -> the backend prepares it."""
+        return (await self._open(reference))[1]
+
+    async def _open(self, reference: str) -> tuple[ImageInput, PreparedImage]:
+        """One pass down: registry or policy -> a trusted source -> the backend prepares it.
+
+        Returns the trusted source (what tiling crops from) and the prepared image.
+        """
         if not isinstance(reference, str) or not reference.strip():
             raise ImageAccessError("image must be a non-empty string naming an image")
         reference = reference.strip()
         if reference in self._registry:
-            return await self.backend.prepare(self._registry[reference])
+            source = self._registry[reference]
+            return source, await self.backend.prepare(source)
         try:
             source = await self.policy.resolve(reference)
         except ImageError as exc:
@@ -205,7 +225,8 @@ class VisionTools:
                 raise self._unknown_handle(reference) from None
             names = ", ".join(self._registry) or "none"
             raise type(exc)(f"{exc}; registered images: {names}") from None
-        return await self.backend.prepare(source, settings=self.policy.image_settings(self.backend.image_settings))
+        settings = self.policy.image_settings(self.backend.image_settings)
+        return source, await self.backend.prepare(source, settings=settings)
 
     async def _annotate(self, prepared: PreparedImage, *results: Any) -> bytes | None:
         if not self.return_images:
@@ -315,14 +336,26 @@ class VisionTools:
         """
         require_skill(self.backend, "point")
         phrases = _phrases(object, more_objects)
-        prepared = await self._resolve(image)
-        results = await _each(phrases, lambda phrase: self._count_one(image, phrase, prepared))
+        source, prepared = await self._open(image)
+        results = await _each(phrases, lambda phrase: self._count_one(image, phrase, source, prepared))
         png = await self._annotate(prepared, *(r.points for r in results))
         return _grouped(results, png)
 
-    async def _count_one(self, image: str, object: str, prepared: PreparedImage) -> CountResult:
-        points = await self.backend.point(prepared, object, settings={"max_objects": self.max_objects})
-        capped = len(points.points) >= self.max_objects
+    def _tiled(self, prepared: PreparedImage) -> bool:
+        plan = plan_tiles(prepared.width, prepared.height, tiling=self.tiling, max_tiles=self.max_tiles)
+        return len(plan.tiles) > 1
+
+    async def _count_one(self, image: str, object: str, source: ImageInput, prepared: PreparedImage) -> CountResult:
+        points: Points
+        if self._tiled(prepared):
+            points = await tiled_point(
+                self.backend, source, object, tiling=self.tiling, max_tiles=self.max_tiles,
+                max_objects=self.max_objects,
+            )
+            capped = points.capped
+        else:
+            points = await self.backend.point(prepared, object, settings={"max_objects": self.max_objects})
+            capped = len(points.points) >= self.max_objects
         return CountResult(
             tool="count_objects",
             image=image,
@@ -345,13 +378,20 @@ class VisionTools:
         """
         require_skill(self.backend, "detect")
         phrases = _phrases(object, more_objects)
-        prepared = await self._resolve(image)
-        results = await _each(phrases, lambda phrase: self._locate_one(image, phrase, prepared))
+        source, prepared = await self._open(image)
+        results = await _each(phrases, lambda phrase: self._locate_one(image, phrase, source, prepared))
         png = await self._annotate(prepared, *(r.detections for r in results))
         return _grouped(results, png)
 
-    async def _locate_one(self, image: str, object: str, prepared: PreparedImage) -> LocateResult:
-        detections = await self.backend.detect(prepared, object, settings={"max_objects": self.max_objects})
+    async def _locate_one(self, image: str, object: str, source: ImageInput, prepared: PreparedImage) -> LocateResult:
+        detections: Detections
+        if self._tiled(prepared):
+            detections = await tiled_detect(
+                self.backend, source, object, tiling=self.tiling, max_tiles=self.max_tiles,
+                max_objects=self.max_objects,
+            )
+        else:
+            detections = await self.backend.detect(prepared, object, settings={"max_objects": self.max_objects})
         return LocateResult(
             tool="locate_objects",
             image=image,

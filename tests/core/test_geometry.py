@@ -857,6 +857,12 @@ def test_all_is_exactly_the_public_api() -> None:
         "mask_to_rings",
         "scale_rings",
         "rings_to_path",
+        "tile_box_to_pixels",
+        "tile_point_to_pixels",
+        "intersection_over_smaller",
+        "union_box",
+        "merge_boxes",
+        "merge_points",
     }
     assert set(geometry.__all__) == expected
     assert len(geometry.__all__) == len(expected)  # no duplicates

@@ -45,6 +45,7 @@ from moondream_tools import (
     VisionTools,
     tool_error_text,
 )
+from moondream_tools.tiling import TilingMode
 
 __all__ = ["MoondreamToolSpec"]
 
@@ -73,8 +74,11 @@ class MoondreamToolSpec(BaseToolSpec):
             multimodal models. Off by default: several providers reject images in tool
             results.
         max_objects: the limit sent to the backend when counting and locating (default 250).
+        tiling: ``"auto"`` (default), ``"always"``, ``"never"`` or ``(rows, cols)``: count and
+            locate over tiles on large images (see :class:`moondream_tools.VisionTools`).
+        max_tiles: the most tiles one phrase may cost (default 16).
         vision: an existing :class:`moondream_tools.VisionTools` to share (its backends,
-            image registry and policy), instead of the five options above.
+            image registry and policy), instead of the options above.
 
     ``spec_functions`` are the four tool names; :meth:`to_tool_list` makes them
     ``FunctionTool`` s (sync and async), and :meth:`call_tool` / :meth:`acall_tool` run one
@@ -104,6 +108,8 @@ class MoondreamToolSpec(BaseToolSpec):
         image_policy: ImagePolicy | None = None,
         return_images: bool | None = None,
         max_objects: int | None = None,
+        tiling: TilingMode | tuple[int, int] | None = None,
+        max_tiles: int | None = None,
         vision: VisionTools | None = None,
         **unknown: Any,
     ) -> None:
@@ -115,6 +121,8 @@ class MoondreamToolSpec(BaseToolSpec):
             image_policy=image_policy,
             return_images=return_images,
             max_objects=max_objects,
+            tiling=tiling,
+            max_tiles=max_tiles,
             **unknown,
         )
 
