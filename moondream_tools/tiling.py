@@ -413,7 +413,21 @@ def _failed(tiles: list[TileReport]) -> list[TileReport]:
     return [tile for tile in tiles if tile.error is not None]
 
 
-class TiledDetections(Detections):
+class _TileFacts(BaseModel):
+    """How the tiles of one tiled call went (shared by :class:`TiledDetections` and
+    :class:`TiledPoints`)."""
+
+    tiles: list[TileReport] = Field(default_factory=list)
+    capped: bool = False
+    provenance: list[int] = Field(default_factory=list)
+
+    @property
+    def failed(self) -> list[TileReport]:
+        """The tiles whose request failed: their regions were not looked at."""
+        return _failed(self.tiles)
+
+
+class TiledDetections(Detections, _TileFacts):
     """The boxes of :func:`tiled_detect`: a :class:`~moondream_tools.Detections` of the whole
     upright image (``objects`` normalized to it, ``image_size`` its size, ``to_pixels()``,
     ``to_supervision()``), plus how the tiles went.
@@ -425,17 +439,8 @@ class TiledDetections(Detections):
         failed: the tiles whose request failed (property).
     """
 
-    tiles: list[TileReport] = Field(default_factory=list)
-    capped: bool = False
-    provenance: list[int] = Field(default_factory=list)
 
-    @property
-    def failed(self) -> list[TileReport]:
-        """The tiles whose request failed: their regions were not looked at."""
-        return _failed(self.tiles)
-
-
-class TiledPoints(Points):
+class TiledPoints(Points, _TileFacts):
     """The points of :func:`tiled_point`: a :class:`~moondream_tools.Points` of the whole
     upright image, plus how the tiles went.
 
@@ -445,15 +450,6 @@ class TiledPoints(Points):
         provenance: for each point of ``points``, the index of the tile it came from.
         failed: the tiles whose request failed (property).
     """
-
-    tiles: list[TileReport] = Field(default_factory=list)
-    capped: bool = False
-    provenance: list[int] = Field(default_factory=list)
-
-    @property
-    def failed(self) -> list[TileReport]:
-        """The tiles whose request failed: their regions were not looked at."""
-        return _failed(self.tiles)
 
 
 # ---------------------------------------------------------------------------
