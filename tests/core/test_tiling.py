@@ -335,8 +335,25 @@ class Delegate:
         self.prepared.append(prepared.size.as_tuple())
         return prepared
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    # Explicit methods: since Python 3.12 a runtime-checkable Protocol looks members up
+    # statically, so delegating through __getattr__ would not make this a VisionBackend.
+    async def caption(self, image: Any, length: Any = "normal", **options: Any) -> Any:
+        return await self.inner.caption(image, length, **options)
+
+    async def query(self, image: Any, question: str, **options: Any) -> Any:
+        return await self.inner.query(image, question, **options)
+
+    async def detect(self, image: Any, object: str, **options: Any) -> Any:
+        return await self.inner.detect(image, object, **options)
+
+    async def point(self, image: Any, object: str, **options: Any) -> Any:
+        return await self.inner.point(image, object, **options)
+
+    async def segment(self, image: Any, object: str, **options: Any) -> Any:
+        return await self.inner.segment(image, object, **options)
+
+    async def aclose(self) -> None:
+        return None
 
     async def __aenter__(self) -> Delegate:
         return self
