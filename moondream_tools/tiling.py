@@ -92,9 +92,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import aiohttp
 from PIL import Image
@@ -104,13 +104,13 @@ from ._transport import Timeout
 from .backend import SamplingSettings, VisionBackend, check_object, check_settings, require_skill
 from .errors import ImageError, MoondreamError
 from .geometry import (
+    intersection_over_smaller,
     merge_boxes,
     merge_points,
     pixels_to_box,
     pixels_to_point,
     tile_box_to_pixels,
     tile_point_to_pixels,
-    union_box,
 )
 from .images import ImageInput, ImageSettings, PreparedImage, decode_image, model_working_size
 from .images.decode import _check_pixels, _open_checked, _oriented_size
@@ -125,6 +125,7 @@ __all__ = [
     "TileReport",
     "TiledDetections",
     "TiledPoints",
+    "TiledImage",
     "plan_tiles",
     "tiled_detect",
     "tiled_point",
@@ -456,8 +457,6 @@ class TiledPoints(Points, _TileFacts):
 # Running a plan
 # ---------------------------------------------------------------------------
 
-_R = TypeVar("_R", Detections, Points)
-
 
 @dataclass
 class _Source:
@@ -521,41 +520,6 @@ def _is_cut(box: Sequence[float], tile: Tile, width: int, height: int, reach: fl
     )
 
 
-async def _run_tiles(
-    backend: VisionBackend,
-    rgb: Image.Image,
-    plan: TilePlan,
-    ask: Callable[[PreparedImage], Awaitable[_R]],
-    concurrency: int,
-) -> list[_R | MoondreamError]:
-    """Crop, prepare and ask every tile, at most ``concurrency`` requests in flight.
-
-    Tiles are prepared (cropped, encoded) a few at a time, one per CPU: each request leaves
-    as soon as its tile is ready instead of all of them waiting for a burst of encodings,
-    and the next tiles are encoded while the first requests are in flight.
-    """
-    preparing = asyncio.Semaphore(max(1, min(concurrency, os.cpu_count() or 1)))
-    sending = asyncio.Semaphore(concurrency)
-
-    async def one(tile: Tile) -> _R | MoondreamError:
-        try:
-            async with preparing:
-                crop = await asyncio.to_thread(rgb.crop, tile.box)
-                prepared = await backend.prepare(crop)
-                del crop
-            async with sending:
-                return await ask(prepared)
-        except MoondreamError as error:
-            return error
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(tile)) for tile in plan.tiles]
-    except BaseExceptionGroup as group_error:
-        raise group_error.exceptions[0] from None
-    return [task.result() for task in tasks]
-
-
 def _concurrency(backend: VisionBackend, concurrency: int | None, tiles: int) -> int:
     if concurrency is not None:
         if concurrency < 1:
@@ -581,6 +545,140 @@ def _failed_report(tile: Tile, error: MoondreamError) -> TileReport:
     return TileReport(index=tile.index, box=tile.box, core=tile.core, error=f"{type(error).__name__}: {error}")
 
 
+class TiledImage:
+    """An image ready to be asked about tile by tile: read and decoded once, each tile cropped
+    and prepared once, then any number of phrases and skills (``detect``, ``point``), all
+    sharing one bound on requests in flight.
+
+    Open it with :meth:`open`; :func:`tiled_detect` and :func:`tiled_point` are one-phrase
+    shortcuts. When the plan is one request the image is sent as is (no decode here).
+
+    Example::
+
+        tiled = await TiledImage.open(md, "field.jpg", max_tiles=16)
+        cars, people = await asyncio.gather(tiled.point("car"), tiled.point("person"))
+        print(tiled.plan.requests, len(cars.points), len(people.points))
+    """
+
+    def __init__(
+        self, backend: VisionBackend, image: ImageInput, source: _Source, plan: TilePlan,
+        rgb: Image.Image | None, concurrency: int,
+    ) -> None:
+        self.backend = backend
+        self.plan = plan
+        self._image = image
+        self._source = source
+        self._rgb = rgb
+        self._sending = asyncio.Semaphore(concurrency)
+        self._preparing = asyncio.Semaphore(max(1, min(concurrency, os.cpu_count() or 1)))
+        self._locks = [asyncio.Lock() for _ in plan.tiles]
+        self._prepared: list[PreparedImage | None] = [None] * len(plan.tiles)
+
+    @classmethod
+    async def open(
+        cls,
+        backend: VisionBackend,
+        image: ImageInput,
+        *,
+        tiling: TilingMode | tuple[int, int] = "auto",
+        max_tiles: int = DEFAULT_MAX_TILES,
+        concurrency: int | None = None,
+        image_settings: ImageSettings | None = None,
+    ) -> TiledImage:
+        """Read ``image`` once (under ``image_settings``' limits, default the backend's), plan
+        its tiles, and decode it once, upright, when more than one tile is planned.
+
+        Raises:
+            ImageError: the image cannot be read or is over the limits.
+            ValueError: bad options, or a PreparedImage (downscaled already) that needs tiles.
+        """
+        settings = image_settings or backend.image_settings
+        source = await _read(image, settings)
+        plan = plan_tiles(*source.size, tiling=tiling, max_tiles=max_tiles)
+        limit = _concurrency(backend, concurrency, plan.requests)
+        if plan.requests == 1:
+            return cls(backend, image, source, plan, None, limit)
+        if isinstance(source.data, PreparedImage):
+            raise ValueError(
+                "a PreparedImage holds only the downscaled upload: pass the original image to tile it"
+                f" (this {plan.width}x{plan.height} image plans {plan.requests} tiles), or tiling='never'"
+            )
+        try:
+            rgb, upright = await asyncio.to_thread(decode_image, source.data, settings)
+        except ImageError as exc:
+            raise ImageError(f"{_describe(image)}: {exc}") from None
+        if upright != source.size:  # pragma: no cover - the header and the decoder agree
+            raise ImageError(f"{_describe(image)}: decoded as {upright}, its header said {source.size}")
+        return cls(backend, image, source, plan, rgb, limit)
+
+    async def detect(
+        self, object: str, *, max_objects: int | None = None, settings: SamplingSettings | None = None,
+        timeout: float | Timeout | None = None, max_retries: int | None = None,
+    ) -> TiledDetections:
+        """Boxes of every ``object``, each once (see :func:`tiled_detect`)."""
+        result = await self._ask("detect", object, max_objects, settings, timeout, max_retries)
+        assert isinstance(result, TiledDetections)
+        return result
+
+    async def point(
+        self, object: str, *, max_objects: int | None = None, settings: SamplingSettings | None = None,
+        timeout: float | Timeout | None = None, max_retries: int | None = None,
+    ) -> TiledPoints:
+        """A point on every ``object``, each once (see :func:`tiled_point`)."""
+        result = await self._ask("point", object, max_objects, settings, timeout, max_retries)
+        assert isinstance(result, TiledPoints)
+        return result
+
+    async def _tile(self, tile: Tile) -> PreparedImage:
+        """The tile, cropped and prepared on first use (one CPU's worth at a time, so the
+        first requests leave while later tiles are encoded)."""
+        async with self._locks[tile.index]:
+            prepared = self._prepared[tile.index]
+            if prepared is None:
+                assert self._rgb is not None
+                async with self._preparing:
+                    crop = await asyncio.to_thread(self._rgb.crop, tile.box)
+                    prepared = self._prepared[tile.index] = await self.backend.prepare(crop)
+            return prepared
+
+    async def _ask(
+        self, skill: Literal["detect", "point"], object: str, max_objects: int | None,
+        settings: SamplingSettings | None, timeout: float | Timeout | None, max_retries: int | None,
+    ) -> TiledDetections | TiledPoints:
+        check_object(object)
+        require_skill(self.backend, skill)
+        values, limit = _tile_settings(settings, max_objects)
+        method = self.backend.detect if skill == "detect" else self.backend.point
+
+        async def ask(img: ImageInput) -> Any:
+            return await method(img, object, settings=values, timeout=timeout, max_retries=max_retries)  # type: ignore[arg-type]
+
+        if self.plan.requests == 1:
+            async with self._sending:
+                return _untiled(skill, await ask(self._source.untiled), self.plan, limit)
+
+        async def one(tile: Tile) -> Any:
+            try:
+                prepared = await self._tile(tile)
+                async with self._sending:
+                    return await ask(prepared)
+            except MoondreamError as error:
+                return error
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(tile)) for tile in self.plan.tiles]
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        answers = [task.result() for task in tasks]
+        errors = [answer for answer in answers if isinstance(answer, MoondreamError)]
+        if len(errors) == len(answers):
+            raise errors[0]
+        if skill == "detect":
+            return _assemble_boxes(self.plan, answers, object, limit)
+        return _assemble_points(self.plan, answers, object, limit)
+
+
 async def _tiled(
     skill: Literal["detect", "point"],
     backend: VisionBackend,
@@ -594,39 +692,17 @@ async def _tiled(
     settings: SamplingSettings | None,
     timeout: float | Timeout | None,
     max_retries: int | None,
+    image_settings: ImageSettings | None,
 ) -> TiledDetections | TiledPoints:
     check_object(object)
     require_skill(backend, skill)
-    values, limit = _tile_settings(settings, max_objects)
-    source = await _read(image, backend.image_settings)
-    plan = plan_tiles(*source.size, tiling=tiling, max_tiles=max_tiles)
-    method = backend.detect if skill == "detect" else backend.point
-
-    async def ask(img: ImageInput) -> Any:
-        return await method(img, object, settings=values, timeout=timeout, max_retries=max_retries)  # type: ignore[arg-type]
-
-    if plan.requests == 1:
-        return _untiled(skill, await ask(source.untiled), plan, limit)
-    if isinstance(source.data, PreparedImage):
-        raise ValueError(
-            "a PreparedImage holds only the downscaled upload: pass the original image to tile it"
-            f" (this {plan.width}x{plan.height} image plans {plan.requests} tiles), or tiling='never'"
-        )
-    limit_tasks = _concurrency(backend, concurrency, plan.requests)
-    try:
-        rgb, upright = await asyncio.to_thread(decode_image, source.data, backend.image_settings)
-    except ImageError as exc:
-        raise ImageError(f"{_describe(image)}: {exc}") from None
-    if upright != source.size:  # pragma: no cover - the header and the decoder agree
-        raise ImageError(f"{_describe(image)}: decoded as {upright}, its header said {source.size}")
-    answers = await _run_tiles(backend, rgb, plan, ask, limit_tasks)
-    del rgb
-    errors = [answer for answer in answers if isinstance(answer, MoondreamError)]
-    if len(errors) == len(answers):
-        raise errors[0]
+    _tile_settings(settings, max_objects)  # refuse bad options before reading the image
+    tiled = await TiledImage.open(
+        backend, image, tiling=tiling, max_tiles=max_tiles, concurrency=concurrency, image_settings=image_settings
+    )
     if skill == "detect":
-        return _assemble_boxes(plan, answers, object, limit)  # type: ignore[arg-type]
-    return _assemble_points(plan, answers, object, limit)  # type: ignore[arg-type]
+        return await tiled.detect(object, max_objects=max_objects, settings=settings, timeout=timeout, max_retries=max_retries)
+    return await tiled.point(object, max_objects=max_objects, settings=settings, timeout=timeout, max_retries=max_retries)
 
 
 def _untiled(
@@ -677,7 +753,26 @@ def _assemble_boxes(
     def linkable(i: int, j: int) -> bool:  # kept with kept; anything with a cut piece
         return (kept[i] and kept[j]) or cut[i] or cut[j]
 
-    merged, groups = merge_boxes(boxes, threshold=BOX_MERGE_THRESHOLD, keys=tile_of, linkable=linkable)
+    def overlap(i: int, j: int) -> float:
+        """Intersection over the smaller box; for two pieces each cut by its tile's edge,
+        measured where both tiles saw the image: a big object cut across a border shows
+        each tile a different part, and only the shared strip can show they are one."""
+        whole = intersection_over_smaller(boxes[i], boxes[j])
+        if whole >= BOX_MERGE_THRESHOLD or not (cut[i] and cut[j]):
+            return whole
+        a, b = plan.tiles[tile_of[i]].box, plan.tiles[tile_of[j]].box
+        shared = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+        clipped = [
+            (max(box[0], shared[0]), max(box[1], shared[1]), min(box[2], shared[2]), min(box[3], shared[3]))
+            for box in (boxes[i], boxes[j])
+        ]
+        if any(c[0] >= c[2] or c[1] >= c[3] for c in clipped):
+            return whole
+        return max(whole, intersection_over_smaller(clipped[0], clipped[1]))
+
+    merged, groups = merge_boxes(
+        boxes, threshold=BOX_MERGE_THRESHOLD, keys=tile_of, linkable=linkable, overlap=overlap
+    )
     chosen: list[tuple[int, tuple[float, float, float, float]]] = []
     for union, group in zip(merged, groups):
         owners = [i for i in group if kept[i]]
@@ -757,6 +852,7 @@ async def tiled_detect(
     settings: SamplingSettings | None = None,
     timeout: float | Timeout | None = None,
     max_retries: int | None = None,
+    image_settings: ImageSettings | None = None,
 ) -> TiledDetections:
     """Boxes of every ``object`` in a big image, tile by tile, each object once.
 
@@ -779,6 +875,8 @@ async def tiled_detect(
         max_objects: sent to every tile; a tile answering that many is reported ``capped``.
         concurrency: tiles prepared and requests in flight at once.
         settings, timeout, max_retries: as for ``backend.detect``, for every tile.
+        image_settings: the limits the image is read under (default the backend's), e.g.
+            an :class:`~moondream_tools.ImagePolicy`'s for an image a model named.
 
     Returns:
         A :class:`TiledDetections` (a ``Detections``) with ``tiles``, ``capped``,
@@ -794,6 +892,7 @@ async def tiled_detect(
     result = await _tiled(
         "detect", backend, image, object, tiling=tiling, max_tiles=max_tiles, max_objects=max_objects,
         concurrency=concurrency, settings=settings, timeout=timeout, max_retries=max_retries,
+        image_settings=image_settings,
     )
     assert isinstance(result, TiledDetections)
     return result
@@ -811,6 +910,7 @@ async def tiled_point(
     settings: SamplingSettings | None = None,
     timeout: float | Timeout | None = None,
     max_retries: int | None = None,
+    image_settings: ImageSettings | None = None,
 ) -> TiledPoints:
     """A point on every ``object`` in a big image, tile by tile, each object once.
 
@@ -829,6 +929,7 @@ async def tiled_point(
     result = await _tiled(
         "point", backend, image, object, tiling=tiling, max_tiles=max_tiles, max_objects=max_objects,
         concurrency=concurrency, settings=settings, timeout=timeout, max_retries=max_retries,
+        image_settings=image_settings,
     )
     assert isinstance(result, TiledPoints)
     return result

@@ -184,12 +184,15 @@ def merge_boxes(
     threshold: float = 0.5,
     keys: Sequence[Hashable] | None = None,
     linkable: Callable[[int, int], bool] | None = None,
+    overlap: Callable[[int, int], float] | None = None,
 ) -> tuple[list[BoxT], list[list[int]]]:
     """Non-maximum merging by intersection over the smaller box, with single linkage.
 
     Two boxes are linked when :func:`intersection_over_smaller` is at least ``threshold``,
     their ``keys`` differ (default: every box its own key) and ``linkable(i, j)`` (if given)
-    allows it. Groups grow from the largest box not yet grouped; a box joins a group when it
+    allows it; ``overlap(i, j)`` (if given) replaces :func:`intersection_over_smaller` as the
+    measure compared with ``threshold`` (a caller that knows where each box was cut can
+    compare the parts both views saw). Groups grow from the largest box not yet grouped; a box joins a group when it
     is linked to any member and its key is not in the group yet. Returns the union of each
     group and the groups (indices into ``boxes``, ascending), ordered by their first index.
 
@@ -209,7 +212,8 @@ def merge_boxes(
     order = sorted(range(count), key=lambda i: (-_area(boxes[i]), i))
 
     def joins(i: int, j: int) -> bool:
-        if intersection_over_smaller(boxes[i], boxes[j]) < threshold:
+        measure = overlap(i, j) if overlap is not None else intersection_over_smaller(boxes[i], boxes[j])
+        if measure < threshold:
             return False
         return linkable is None or linkable(i, j)
 

@@ -115,8 +115,8 @@ def _tiles_text(result: Detections | Points) -> tuple[str, str]:
     notes = ""
     failed = [t for t in tiles if t.error]
     if failed:
-        parts = "; ".join(
-            f"{_xy(t.box[0], t.box[1])}-{_xy(t.box[2], t.box[3])} ({t.error.rstrip('.')})" for t in failed
+        parts = "; ".join(  # the region lost is the tile's core: neighbours cover its overlaps
+            f"{_xy(t.core[0], t.core[1])}-{_xy(t.core[2], t.core[3])} ({t.error.rstrip('.')})" for t in failed
         )
         notes += f" Could not read {len(failed)} of {len(tiles)} parts of the image, so they are not counted: {parts}."
     return f" over {len(tiles)} tiles", notes
@@ -126,8 +126,9 @@ def _count_text(name: str, obj: str, points: Points, capped: bool, limit: int) -
     size = points.image_size
     assert size is not None
     pixels = [(p.x, p.y) for p in points.to_pixels()]
-    number = f"at least {len(pixels)}" if capped else str(len(pixels))
     over, notes = _tiles_text(points)
+    unread = bool(getattr(points, "failed", None))
+    number = f"at least {len(pixels)}" if capped or unread else str(len(pixels))
     head = f'Counted {number} "{obj}" in {_size_text(name, size)}{over}'
     if not pixels:
         return head + "." + notes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -15,11 +16,11 @@ from .._transport import run_sync
 from ..backend import CaptionLength, VisionBackend, backend_name, require_skill
 from ..errors import ImageAccessError, ImageError, MoondreamError, ToolArgumentsError, UnsupportedSkillError
 from ..geometry import pixels_to_box, pixels_to_point
-from ..images import ImageInput, PreparedImage, ReferenceKind, reference_kind
+from ..images import ImageInput, ImageSettings, PreparedImage, ReferenceKind, reference_kind
 from ..policy import ImagePolicy
 from ..render import annotate_png
 from ..results import Answer, Caption, Detections, Points, Reasoning
-from ..tiling import DEFAULT_MAX_TILES, TilingMode, plan_tiles, tiled_detect, tiled_point
+from ..tiling import DEFAULT_MAX_TILES, TiledImage, TilingMode, plan_tiles
 from .specs import TOOL_SPECS
 from .texts import (
     CountResult,
@@ -185,6 +186,13 @@ class VisionTools:
                 f"image name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with"
                 " a letter, digit or '_'"
             )
+        read = getattr(image, "read", None)
+        if callable(read) and not isinstance(image, (str, bytes, bytearray, memoryview, os.PathLike)):
+            # A file object can be read once: keep its bytes, so the image works in every call.
+            data = read()
+            if not isinstance(data, (bytes, bytearray)):
+                raise ImageError("a registered file object must be opened in binary mode ('rb')")
+            image = bytes(data)
         self._registry[name] = image
         return name
 
@@ -205,17 +213,18 @@ class VisionTools:
     async def _resolve(self, reference: str) -> PreparedImage:
         return (await self._open(reference))[1]
 
-    async def _open(self, reference: str) -> tuple[ImageInput, PreparedImage]:
+    async def _open(self, reference: str) -> tuple[ImageInput, PreparedImage, ImageSettings]:
         """One pass down: registry or policy -> a trusted source -> the backend prepares it.
 
-        Returns the trusted source (what tiling crops from) and the prepared image.
+        Returns the trusted source (what tiling crops from), the prepared image, and the
+        image settings it was read under (the policy's limits for a model-named image).
         """
         if not isinstance(reference, str) or not reference.strip():
             raise ImageAccessError("image must be a non-empty string naming an image")
         reference = reference.strip()
         if reference in self._registry:
             source = self._registry[reference]
-            return source, await self.backend.prepare(source)
+            return source, await self.backend.prepare(source), self.backend.image_settings
         try:
             source = await self.policy.resolve(reference)
         except ImageError as exc:
@@ -226,7 +235,7 @@ class VisionTools:
             names = ", ".join(self._registry) or "none"
             raise type(exc)(f"{exc}; registered images: {names}") from None
         settings = self.policy.image_settings(self.backend.image_settings)
-        return source, await self.backend.prepare(source, settings=settings)
+        return source, await self.backend.prepare(source, settings=settings), settings
 
     async def _annotate(self, prepared: PreparedImage, *results: Any) -> bytes | None:
         if not self.return_images:
@@ -336,22 +345,29 @@ class VisionTools:
         """
         require_skill(self.backend, "point")
         phrases = _phrases(object, more_objects)
-        source, prepared = await self._open(image)
-        results = await _each(phrases, lambda phrase: self._count_one(image, phrase, source, prepared))
+        tiled, prepared = await self._tiles(image)
+        results = await _each(phrases, lambda phrase: self._count_one(image, phrase, tiled, prepared))
         png = await self._annotate(prepared, *(r.points for r in results))
         return _grouped(results, png)
 
-    def _tiled(self, prepared: PreparedImage) -> bool:
+    async def _tiles(self, image: str) -> tuple[TiledImage | None, PreparedImage]:
+        """The prepared image, and the image cut into tiles when it is large enough to tile
+        (read once, under the same limits, for every phrase of the call)."""
+        source, prepared, settings = await self._open(image)
         plan = plan_tiles(prepared.width, prepared.height, tiling=self.tiling, max_tiles=self.max_tiles)
-        return len(plan.tiles) > 1
+        if plan.requests == 1 or isinstance(source, PreparedImage):  # a PreparedImage is the upload only
+            return None, prepared
+        tiled = await TiledImage.open(
+            self.backend, source, tiling=self.tiling, max_tiles=self.max_tiles, image_settings=settings
+        )
+        return tiled, prepared
 
-    async def _count_one(self, image: str, object: str, source: ImageInput, prepared: PreparedImage) -> CountResult:
+    async def _count_one(
+        self, image: str, object: str, tiled: TiledImage | None, prepared: PreparedImage
+    ) -> CountResult:
         points: Points
-        if self._tiled(prepared):
-            points = await tiled_point(
-                self.backend, source, object, tiling=self.tiling, max_tiles=self.max_tiles,
-                max_objects=self.max_objects,
-            )
+        if tiled is not None:
+            points = await tiled.point(object, max_objects=self.max_objects)
             capped = points.capped
         else:
             points = await self.backend.point(prepared, object, settings={"max_objects": self.max_objects})
@@ -378,18 +394,17 @@ class VisionTools:
         """
         require_skill(self.backend, "detect")
         phrases = _phrases(object, more_objects)
-        source, prepared = await self._open(image)
-        results = await _each(phrases, lambda phrase: self._locate_one(image, phrase, source, prepared))
+        tiled, prepared = await self._tiles(image)
+        results = await _each(phrases, lambda phrase: self._locate_one(image, phrase, tiled, prepared))
         png = await self._annotate(prepared, *(r.detections for r in results))
         return _grouped(results, png)
 
-    async def _locate_one(self, image: str, object: str, source: ImageInput, prepared: PreparedImage) -> LocateResult:
+    async def _locate_one(
+        self, image: str, object: str, tiled: TiledImage | None, prepared: PreparedImage
+    ) -> LocateResult:
         detections: Detections
-        if self._tiled(prepared):
-            detections = await tiled_detect(
-                self.backend, source, object, tiling=self.tiling, max_tiles=self.max_tiles,
-                max_objects=self.max_objects,
-            )
+        if tiled is not None:
+            detections = await tiled.detect(object, max_objects=self.max_objects)
         else:
             detections = await self.backend.detect(prepared, object, settings={"max_objects": self.max_objects})
         return LocateResult(

@@ -31,6 +31,7 @@ from moondream_tools import (
     BadRequestError,
     Detections,
     FalMoondream,
+    ImagePolicy,
     ImageSettings,
     Points,
     VisionBackend,
@@ -664,3 +665,81 @@ async def test_both_adapters_pass_tiling_through(fake: FakeMoondream, client: As
     assert output.raw_output.count == circles and "over 15 tiles" in output.content
     with pytest.raises(ValueError, match="max_tiles"):
         MoondreamToolSpec(client, max_tiles=0)
+
+
+async def test_several_phrases_read_and_decode_once_and_prepare_each_tile_once(
+    fake: FakeMoondream, client: AsyncMoondream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes: list[int] = []
+    real_decode = tiling_module.decode_image
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        decodes.append(1)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(tiling_module, "decode_image", counting)
+    backend = Delegate(client)
+    tools = VisionTools(backend)  # type: ignore[arg-type]
+    tools.add_image(jpeg("small"), name="field")
+    result = await tools.count("field", "circle", more_objects=["square"])
+    plan = plan_tiles(W, H)
+    assert decodes == [1], "one decode for both phrases"
+    assert len(backend.prepared) == 1 + plan.requests, "the whole image once, each tile once"
+    assert len(fake.requests) == 2 * plan.requests, "one request per phrase per tile"
+    assert result.count == small_scene().count("circle") and result.more[0].count == small_scene().count("square")
+
+
+async def test_a_model_named_image_is_tiled_under_the_policys_limits(
+    fake: FakeMoondream, client: AsyncMoondream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "field.jpg").write_bytes(jpeg("small"))
+    policy = ImagePolicy(allowed_dirs=[tmp_path], max_pixels=30_000_000, max_bytes=5_000_000)
+    seen: list[ImageSettings] = []
+    real_open = tiling_module.TiledImage.open.__func__  # type: ignore[attr-defined]
+
+    async def recording(cls: Any, backend: Any, image: Any, **options: Any) -> Any:
+        seen.append(options["image_settings"])
+        return await real_open(cls, backend, image, **options)
+
+    monkeypatch.setattr(tiling_module.TiledImage, "open", classmethod(recording))
+    result = await VisionTools(client, image_policy=policy).count("field.jpg", "circle")
+    assert result.count == small_scene().count("circle")
+    assert (seen[0].max_pixels, seen[0].max_bytes) == (30_000_000, 5_000_000)
+
+
+async def test_registered_file_objects_and_prepared_images_still_work(fake: FakeMoondream, client: AsyncMoondream) -> None:
+    tools = VisionTools(client)
+    tools.add_image(io.BytesIO(jpeg("small")), name="stream")
+    first = await tools.count("stream", "circle")
+    again = await tools.count("stream", "circle")
+    assert first.count == again.count == small_scene().count("circle"), "a file object works in every call"
+    tools.add_image(await client.prepare(jpeg("small")), name="prepared")
+    untiled = await tools.count("prepared", "circle")  # only the upload: sent as is, not tiled
+    assert "tiles" not in untiled.text and untiled.count < small_scene().count("circle")
+
+
+async def test_a_failed_tile_makes_the_count_a_lower_bound(fake: FakeMoondream) -> None:
+    async with AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url, max_retries=0) as md:
+        tools = VisionTools(md)
+        tools.add_image(jpeg("small"), name="field")
+        await md.prepare(jpeg("small"))
+        fake.fail_next(1, status=400)
+        result = await tools.count("field", "circle")
+    failed = result.points.failed[0]
+    core = f"({failed.core[0]}, {failed.core[1]})-({failed.core[2]}, {failed.core[3]})"
+    assert result.text.startswith('Counted at least ') and core in result.text
+
+
+async def test_an_object_three_overlaps_wide_cut_by_a_border_counts_once(
+    fake: FakeMoondream, client: AsyncMoondream
+) -> None:
+    plan = plan_tiles(W, H)
+    left, right = plan.tiles[0], plan.tiles[1]
+    middle = (right.box[0] + left.box[2]) / 2  # the middle of the strip both tiles see
+    size = 4 * plan.overlap  # each tile sees a different part of it: cut in both
+    scene = Scene(W, H, [Shape("square", "blue", (middle, H / 4), size), Shape("circle", "red", (4500, 3000), 30)])
+    result = await tiled_detect(client, scene.render(), "blue square", tiling="always")
+    (truth,) = scene.matching("blue square")
+    assert len(result.objects) == 1, "the two cut views are one object"
+    got = result.to_pixels()[0]
+    assert all(abs(g - t) <= PX for g, t in zip((got.x_min, got.y_min, got.x_max, got.y_max), truth.bbox_px))
