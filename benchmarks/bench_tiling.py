@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import emulator_process, table  # noqa: E402
 from moondream_tools import AsyncMoondream, ImageSettings  # noqa: E402
-from moondream_tools import tiling as tiling_module  # noqa: E402
+from moondream_tools.tiling import run as tiling_module  # noqa: E402  (where the decode is looked up)
 from moondream_tools.testing import Scene  # noqa: E402
 from moondream_tools.tiling import plan_tiles, tiled_detect, tiled_point  # noqa: E402
 

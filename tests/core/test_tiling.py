@@ -37,7 +37,7 @@ from moondream_tools import (
     VisionBackend,
     VisionTools,
 )
-from moondream_tools import tiling as tiling_module
+from moondream_tools.tiling import run as tiling_module  # where the decode is looked up
 from moondream_tools.geometry import (
     intersection_over_smaller,
     merge_boxes,
