@@ -10,6 +10,12 @@ covering about half of a 4000x3000 image, then times:
 - decode+rasterize: both, as ``Segmentation.mask()`` does
 - rle:        ``mask_to_rle`` + ``rle_to_string`` of the mask
 
+and, for masks that arrive as images (SAM 3, AIgateway) and for tiling:
+
+- binary_mask:   an RGBA 2000x1500 mask image -> a binary mask
+- mask_to_rings: exact pixel-edge outlines of a 2000x1500 mask of drawn shapes
+- merge_boxes:   6,000 boxes (a crowd of 3,000 seen by two tiles) merged by intersection
+
 Run from the repo root::
 
     .venv/bin/python benchmarks/bench_geometry.py
@@ -18,6 +24,7 @@ Run from the repo root::
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import sys
 import time
@@ -28,7 +35,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moondream_tools.testing.engine import format_refined_number  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
 from moondream_tools.geometry import (  # noqa: E402
+    binary_mask,
+    mask_to_rings,
+    merge_boxes,
     mask_to_rle,
     parse_path,
     rasterize,
@@ -64,6 +76,34 @@ def wobbly_path(points: int = POINTS) -> str:
     return "".join(parts) + "z"
 
 
+def drawn_mask(width: int = 2000, height: int = 1500) -> Image.Image:
+    """Shapes with a hole, an island in it, a polygon, a border strip and 60 random ellipses."""
+    rng = random.Random(3)
+    mask = Image.new("L", (width, height))
+    draw = ImageDraw.Draw(mask)
+    draw.ellipse((100, 100, 900, 800), fill=255)
+    draw.ellipse((300, 300, 600, 600), fill=0)
+    draw.ellipse((400, 400, 500, 500), fill=255)
+    draw.polygon([(1000, 100), (1900, 300), (1200, 1400), (1500, 600)], fill=255)
+    draw.regular_polygon((500, 1100, 300), 7, rotation=13, fill=255)
+    draw.rectangle((0, 1400, 2000, 1500), fill=255)
+    for _ in range(60):
+        x, y = rng.randint(0, 1900), rng.randint(0, 1400)
+        draw.ellipse((x, y, x + rng.randint(5, 300), y + rng.randint(5, 300)), fill=rng.choice([0, 255]))
+    return mask
+
+
+def crowd_boxes() -> tuple[list[tuple[float, float, float, float]], list[int]]:
+    """3,000 boxes of 20-30 px, 40 px apart, and the same seen by a second tile, shifted 1 px."""
+    rng = random.Random(1)
+    boxes = []
+    for i in range(3000):
+        x, y, s = 40 * (i % 75) + rng.uniform(0, 5), 40 * (i // 75) + rng.uniform(0, 5), rng.uniform(20, 30)
+        boxes.append((x, y, x + s, y + s))
+    shifted = [(x0 + 1, y0 - 1, x1 + 1, y1 - 1) for x0, y0, x1, y1 in boxes]
+    return boxes + shifted, [0] * 3000 + [1] * 3000
+
+
 def timeit(fn: Callable[[], Any], runs: int = RUNS) -> tuple[float, float]:
     fn()  # warm up
     times = []
@@ -96,12 +136,24 @@ def main() -> None:
         ("decode+rasterize", lambda: rasterize(segment_rings(path, BBOX, WIDTH, HEIGHT), WIDTH, HEIGHT)),
         (f"rle ({rle_note})", lambda: rle_to_string(mask_to_rle(mask)["counts"])),
     ]
-    print(f"{'step':<22}{'best ms':>10}{'median ms':>12}")
+    drawn = drawn_mask()
+    rgba = Image.merge("RGBA", [drawn, drawn, drawn, Image.new("L", drawn.size, 255)])
+    boxes, keys = crowd_boxes()
+    masks_and_merges = [
+        ("binary_mask 2000x1500", lambda: binary_mask(rgba)),
+        ("mask_to_rings 2000x1500", lambda: mask_to_rings(drawn)),
+        ("merge_boxes 6,000", lambda: merge_boxes(boxes, keys=keys)),
+    ]
+    print(f"{'step':<26}{'best ms':>10}{'median ms':>12}")
     results = {}
     for name, fn in rows:
         best, median = timeit(fn)
         results[name] = median
-        print(f"{name:<22}{best:>10.1f}{median:>12.1f}")
+        print(f"{name:<26}{best:>10.1f}{median:>12.1f}")
+    for name, fn in masks_and_merges:
+        best, median = timeit(fn, runs=5)
+        results[name] = median
+        print(f"{name:<26}{best:>10.1f}{median:>12.1f}")
     median = results["decode+rasterize"]
     verdict = "OK" if median < TARGET_MS else "SLOW"
     print(

@@ -58,11 +58,12 @@ from ._http_errors import (
 from ._sessions import SessionScope, abandon_session, run_sync
 from ._streaming import Stream, decode_sse
 from ._version import __version__
-from .images import ReferenceKind, reference_kind
+from .images import ReferenceKind, read_response_capped, reference_kind
 from .errors import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
+    ImageError,
     MoondreamError,
     RateLimitError,
     ResponseError,
@@ -377,17 +378,10 @@ class Transport:
         try:
             async with self.sessions.session() as session:
                 async with session.get(url, timeout=options.timeout._aiohttp()) as resp:
-                    if resp.status != 200:
-                        raise ResponseError(f"downloading the file at {shown!r} failed: HTTP {resp.status}")
-                    declared = resp.content_length
-                    if declared is not None and declared > max_bytes:
-                        raise ResponseError(f"the file at {shown!r} is {declared} bytes, over the limit of {max_bytes}")
-                    data = bytearray()
-                    async for chunk in resp.content.iter_chunked(1 << 16):
-                        data += chunk
-                        if len(data) > max_bytes:
-                            raise ResponseError(f"the file at {shown!r} is over the limit of {max_bytes} bytes")
-                    return bytes(data)
+                    try:  # the one capped reader, naming the URL without its query
+                        return await read_response_capped(resp, max_bytes, shown)
+                    except ImageError as exc:
+                        raise ResponseError(f"the file the server pointed to cannot be used: {exc}") from None
         except TimeoutError:
             raise APITimeoutError(f"downloading the file at {shown!r} timed out; retry, or raise timeout=") from None
         except (aiohttp.ClientError, OSError) as exc:

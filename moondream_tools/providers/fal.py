@@ -176,9 +176,12 @@ class _FalBackend(HttpBackend):
     async def _queued(self, endpoint: str, body: dict[str, Any], options: CallOptions) -> tuple[dict[str, Any], str | None]:
         """Submit, poll, fetch; the call's ``timeout`` bounds it all. A job the caller gives up on
         (timeout, cancellation, a failure before it completed) is cancelled on fal's side."""
+        # The submit runs under the backend's own request timeout, not the call's: if the call
+        # gives up first, the submit still lands and its job is cancelled (never left queued).
+        submit_options = CallOptions(timeout=self._transport.timeout, max_retries=options.max_retries)
         submit = asyncio.ensure_future(
             self._transport.request_json(
-                "POST", f"{self.queue_base_url}/{endpoint}", body, headers=self._auth(), options=options
+                "POST", f"{self.queue_base_url}/{endpoint}", body, headers=self._auth(), options=submit_options
             )
         )
         urls: dict[str, str] | None = None

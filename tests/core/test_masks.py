@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -201,12 +200,9 @@ def _drawn_mask(width: int = 2000, height: int = 1500) -> Image.Image:
     return mask
 
 
-def test_large_mask_round_trip_and_time() -> None:
+def test_large_mask_round_trip() -> None:  # its speed: benchmarks/bench_geometry.py
     mask = _drawn_mask()
-    start = time.perf_counter()
     rings = mask_to_rings(mask)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"mask_to_rings took {elapsed:.2f} s"
     assert sum(len(r) for r in rings) > 10_000
     assert rasterize(rings, 2000, 1500, mode="L").tobytes() == mask.tobytes()
     assert sum(ring_area(r) for r in rings) == mask_area(mask)
@@ -330,17 +326,14 @@ def test_binary_mask_alpha_rules() -> None:
     assert list(binary_mask(image).tobytes()) == [255, 0, 0, 0]
 
 
-def test_binary_mask_is_fast_on_large_images() -> None:
+def test_binary_mask_on_large_images() -> None:  # its speed: benchmarks/bench_geometry.py
     mask = _drawn_mask()
     rgba = Image.merge("RGBA", [mask, mask, mask, Image.new("L", mask.size, 255)])
-    start = time.perf_counter()
     result = binary_mask(rgba)
     photo = ImageOps.colorize(Image.effect_noise(mask.size, 64), black="navy", white="orange")
     with pytest.raises(ValueError):
         binary_mask(photo)
-    elapsed = time.perf_counter() - start
     assert result.tobytes() == mask.tobytes()
-    assert elapsed < 1.0, f"binary_mask took {elapsed:.2f} s"
 
 
 # ---------------------------------------------------------------------------

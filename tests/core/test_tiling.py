@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import time
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -572,16 +571,14 @@ def test_distinct_neighbours_do_not_merge() -> None:
         merge_boxes(boxes, keys=[1])
 
 
-def test_merge_boxes_scales_to_thousands() -> None:
+def test_merge_boxes_on_thousands() -> None:  # its speed: benchmarks/bench_geometry.py
     rng = random.Random(1)
     boxes = []
     for i in range(3000):  # a crowd: 3000 boxes of 20-30 px, 40 px apart, seen by two tiles
         x, y, s = 40 * (i % 75) + rng.uniform(0, 5), 40 * (i // 75) + rng.uniform(0, 5), rng.uniform(20, 30)
         boxes.append((x, y, x + s, y + s))
     shifted = [(x0 + 1, y0 - 1, x1 + 1, y1 - 1) for x0, y0, x1, y1 in boxes]
-    start = time.perf_counter()
     merged, groups = merge_boxes(boxes + shifted, keys=[0] * 3000 + [1] * 3000)
-    assert time.perf_counter() - start < 2.0  # about 0.1 s: candidates come from a grid
     assert groups == sorted([i, i + 3000] for i in range(3000))
 
 
