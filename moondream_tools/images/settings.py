@@ -56,6 +56,10 @@ class ImageSettings:
         segment_max_side: segmentation refines its mask on the original pixels around
             the object, so it gets more: the long side is capped at this (default 2000 px).
             None sends the full resolution.
+        segment_upload: encode that larger segmentation upload when an image is prepared
+            (in the background, so it is ready when a segment call follows). False gives
+            segmentation the skill upload instead and saves one JPEG encode per image: for
+            work that never segments, such as indexing or the tiles of a tiled count.
         formats: the Pillow formats that may be decoded (default: JPEG (with MPO), PNG,
             GIF, WEBP, BMP, TIFF); anything else is refused without being parsed further.
         max_frames: animations with more frames are refused (the first frame is used).
@@ -71,6 +75,7 @@ class ImageSettings:
     download_timeout: float = 30.0
     skill_max_crops: int | None = MODEL_MAX_CROPS
     segment_max_side: int | None = 2000
+    segment_upload: bool = True
     formats: frozenset[str] = DEFAULT_FORMATS
     max_frames: int = DEFAULT_MAX_FRAMES
 
@@ -96,13 +101,14 @@ class ImageSettings:
             raise ValueError("download_timeout must be positive")
 
     @property
-    def encoding(self) -> tuple[int, int | None, int | None]:
-        """What decides the uploaded payloads (quality, crops, segment side), not the limits.
+    def encoding(self) -> tuple[int, int | None, int | None, bool]:
+        """What decides the uploaded payloads (quality, crops, segment side and upload), not
+        the limits.
 
         Two settings with the same ``encoding`` produce the same upload from the same image,
         so they share a cache entry; the limits are checked on every use.
         """
-        return (self.jpeg_quality, self.skill_max_crops, self.segment_max_side)
+        return (self.jpeg_quality, self.skill_max_crops, self.segment_max_side, self.segment_upload)
 
     def within(self, limits: ImageSettings) -> ImageSettings:
         """These settings with the tighter of each limit of ``limits`` (pixels, bytes, frames,

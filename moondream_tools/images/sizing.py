@@ -64,13 +64,16 @@ def upload_sizes(width: int, height: int, settings: ImageSettings) -> tuple[tupl
     loses nothing: it is at least the model's working size of the original on both axes,
     and the model's working size of the upload itself is too (the tiling rule has edges:
     a width just under a crop boundary can drop a whole row of crops, so the scale is
-    raised until it does not). The segment size caps the long side. Neither upscales.
+    raised until it does not). The segment size caps the long side (it is the skill size
+    when ``settings.segment_upload`` is False). Neither upscales.
 
     >>> from moondream_tools.images import ImageSettings
     >>> upload_sizes(4000, 3000, ImageSettings())
     ((1176, 882), (2000, 1500))
     >>> upload_sizes(640, 480, ImageSettings())
     ((640, 480), (640, 480))
+    >>> upload_sizes(4000, 3000, ImageSettings(segment_upload=False))
+    ((1176, 882), (1176, 882))
     """
 
     def scaled(scale: float) -> tuple[int, int]:
@@ -91,7 +94,9 @@ def upload_sizes(width: int, height: int, settings: ImageSettings) -> tuple[tupl
                 break
             scale *= 1.02
             skill = scaled(scale)
-    if settings.segment_max_side is None:
+    if not settings.segment_upload:
+        segment = skill
+    elif settings.segment_max_side is None:
         segment = (width, height)
     else:
         segment = scaled(settings.segment_max_side / max(width, height))

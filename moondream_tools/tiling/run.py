@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from PIL import Image
 from .._transport import Timeout
 from ..backend import SamplingSettings, VisionBackend, check_object, check_settings, require_skill
 from ..errors import ImageError, MoondreamError
-from ..images import ImageInput, ImageSettings, PreparedImage, decode_image
+from ..images import ImageInput, ImageSettings, PreparedImage, decode_image, upload_sizes
 from ..images.decode import _check_pixels, _open_checked, _oriented_size
 from ..images.sources import ReferenceKind, _describe, _load_source, reference_kind
 from .assemble import _assemble_boxes, _assemble_points, _untiled
@@ -101,7 +102,7 @@ class TiledImage:
 
     def __init__(
         self, backend: VisionBackend, image: ImageInput, source: _Source, plan: TilePlan,
-        rgb: Image.Image | None, concurrency: int,
+        rgb: Image.Image | None, concurrency: int, settings: ImageSettings,
     ) -> None:
         self.backend = backend
         self.plan = plan
@@ -112,6 +113,8 @@ class TiledImage:
         self._preparing = asyncio.Semaphore(max(1, min(concurrency, os.cpu_count() or 1)))
         self._locks = [asyncio.Lock() for _ in plan.tiles]
         self._prepared: list[PreparedImage | None] = [None] * len(plan.tiles)
+        # Tiles are only detected and pointed in: no segmentation upload to encode.
+        self._tile_settings = dataclasses.replace(settings, segment_upload=False)
 
     @classmethod
     async def open(
@@ -136,7 +139,7 @@ class TiledImage:
         plan = plan_tiles(*source.size, tiling=tiling, max_tiles=max_tiles)
         limit = _concurrency(backend, concurrency, plan.requests)
         if plan.requests == 1:
-            return cls(backend, image, source, plan, None, limit)
+            return cls(backend, image, source, plan, None, limit, settings)
         if isinstance(source.data, PreparedImage):
             raise ValueError(
                 "a PreparedImage holds only the downscaled upload: pass the original image to tile it"
@@ -148,7 +151,7 @@ class TiledImage:
             raise ImageError(f"{_describe(image)}: {exc}") from None
         if upright != source.size:  # pragma: no cover - the header and the decoder agree
             raise ImageError(f"{_describe(image)}: decoded as {upright}, its header said {source.size}")
-        return cls(backend, image, source, plan, rgb, limit)
+        return cls(backend, image, source, plan, rgb, limit, settings)
 
     async def detect(
         self, object: str, *, max_objects: int | None = None, settings: SamplingSettings | None = None,
@@ -169,15 +172,19 @@ class TiledImage:
         return result
 
     async def _tile(self, tile: Tile) -> PreparedImage:
-        """The tile, cropped and prepared on first use (one CPU's worth at a time, so the
+        """The tile, cut, shrunk and prepared on first use (one CPU's worth at a time, so the
         first requests leave while later tiles are encoded)."""
         async with self._locks[tile.index]:
             prepared = self._prepared[tile.index]
             if prepared is None:
                 assert self._rgb is not None
+                # Cut and shrunk to its upload size in one step (no full-size copy of the tile).
+                size, _ = upload_sizes(tile.width, tile.height, self._tile_settings)
                 async with self._preparing:
-                    crop = await asyncio.to_thread(self._rgb.crop, tile.box)
-                    prepared = self._prepared[tile.index] = await self.backend.prepare(crop)
+                    upload = await asyncio.to_thread(self._rgb.resize, size, Image.Resampling.BOX, tile.box)
+                    prepared = self._prepared[tile.index] = await self.backend.prepare(
+                        upload, settings=self._tile_settings
+                    )
             return prepared
 
     async def _ask(

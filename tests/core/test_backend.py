@@ -217,7 +217,7 @@ async def test_the_policy_limits_still_hold_for_an_image_the_cache_already_has(
 def test_policy_settings_layer_over_the_backend_settings() -> None:
     base = ImageSettings(jpeg_quality=50, skill_max_crops=3, segment_max_side=900, max_pixels=30_000_000)
     layered = ImagePolicy(max_pixels=50_000_000, max_bytes=1_000_000).image_settings(base)
-    assert layered.encoding == base.encoding == (50, 3, 900)
+    assert layered.encoding == base.encoding == (50, 3, 900, True)
     assert (layered.max_pixels, layered.max_bytes) == (30_000_000, 1_000_000), "the tighter of each limit"
 
 

@@ -241,6 +241,30 @@ async def test_twelve_megapixel_photo(shared_data: Path, monkeypatch: pytest.Mon
     assert len(prepared.data_url) < 0.15 * len(base64.b64encode(encode(photo, "JPEG", quality=95)))
 
 
+async def test_segment_upload_false_encodes_one_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    photo = Image.linear_gradient("L").convert("RGB").resize((4000, 3000))
+    data = encode(photo, "JPEG", quality=90)
+    encoded: list[tuple[int, int]] = []
+    original = prepare_module._jpeg_data_url
+
+    def spy(rgb: Image.Image, settings: ImageSettings) -> str:
+        encoded.append(rgb.size)
+        return original(rgb, settings)
+
+    monkeypatch.setattr(prepare_module, "_jpeg_data_url", spy)
+    settings = ImageSettings(segment_upload=False)
+    assert settings.encoding != SETTINGS.encoding, "the two never share a cache entry"
+    prepared = await prepare(data, settings)
+    assert encoded == [(1176, 882)], "only the skill upload is encoded"
+    assert (prepared.segment_upload_width, prepared.segment_upload_height) == (1176, 882)
+    assert await prepared.segment_payload() == prepared.data_url
+    encoded.clear()
+    full = await prepare(data)
+    assert (full.segment_upload_width, full.segment_upload_height) == (2000, 1500)
+    await full.segment_payload()
+    assert sorted(encoded) == [(1176, 882), (2000, 1500)]
+
+
 @pytest.mark.parametrize(
     ("size", "working"),
     [((4000, 3000), (1176, 644)), ((3000, 4000), (644, 1176)), ((1800, 1200), (1176, 644)),

@@ -329,10 +329,12 @@ class Delegate:
         self.skills = inner.skills
         self.image_settings = inner.image_settings
         self.prepared: list[tuple[int, int]] = []
+        self.segment_uploads: list[tuple[int, int]] = []
 
     async def prepare(self, image: Any, *, settings: ImageSettings | None = None) -> Any:
         prepared = await self.inner.prepare(image, settings=settings)
         self.prepared.append(prepared.size.as_tuple())
+        self.segment_uploads.append((prepared.segment_upload_width, prepared.segment_upload_height))
         return prepared
 
     # Explicit methods: since Python 3.12 a runtime-checkable Protocol looks members up
@@ -367,7 +369,12 @@ async def test_any_vision_backend_works_each_tile_prepared_once(fake: FakeMoondr
     assert isinstance(backend, VisionBackend) and not hasattr(type(backend), "max_concurrency")
     result = await tiled_point(backend, jpeg("small"), "shapes")  # type: ignore[arg-type]
     plan = plan_tiles(W, H)
-    assert backend.prepared == [plan.tile_size] * plan.requests
+    # Each tile is cut and shrunk to its upload size in one step, and no segmentation
+    # upload is encoded for it (tiles are only detected and pointed in).
+    upload, _ = upload_sizes(*plan.tile_size, client.image_settings)
+    assert upload != plan.tile_size, "the scene's tiles are shrunk by the model"
+    assert backend.prepared == [upload] * plan.requests
+    assert backend.segment_uploads == [upload] * plan.requests
     assert_exact_points(result, small_scene())
 
 
