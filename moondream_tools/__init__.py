@@ -11,7 +11,7 @@ Example::
 """
 
 from ._streaming import Stream
-from ._transport import Timeout, run_sync
+from ._transport import Timeout, iterate_sync, run_sync
 from ._version import __version__
 from .backend import SKILLS, CaptionLength, SamplingSettings, SpatialRef, VisionBackend
 from .client import DEFAULT_BASE_URL, AsyncMoondream
@@ -38,6 +38,7 @@ from .errors import (
 from .images import ImageInput, ImageSettings, PreparedImage
 from .render import annotate, annotate_png
 from .policy import ImagePolicy
+from .result_cache import CachedBackend, ResultCache
 from .tools import (
     DEFAULT_MAX_OBJECTS,
     TOOL_SPECS,
@@ -87,6 +88,7 @@ __all__ = [
     "AIGatewaySegmenter",
     "Stream",
     "Timeout",
+    "iterate_sync",
     "run_sync",
     # images
     "ImageInput",
@@ -94,6 +96,8 @@ __all__ = [
     "PreparedImage",
     # agent tools
     "VisionTools",
+    "ResultCache",
+    "CachedBackend",
     "ImagePolicy",
     "TOOL_SPECS",
     "DEFAULT_MAX_OBJECTS",

@@ -19,7 +19,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+import contextlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -27,7 +30,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-__all__ = ["SessionScope", "abandon_session", "run_sync"]
+__all__ = ["SessionScope", "abandon_session", "iterate_sync", "run_sync"]
 
 _T = TypeVar("_T")
 #: Set by :func:`run_sync`: calls in this context use a session of their own.
@@ -180,3 +183,82 @@ def run_sync(call: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         return run()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moondream-sync") as pool:
         return pool.submit(run).result()
+
+
+def iterate_sync(make: Callable[[], AsyncIterator[_T]]) -> Iterator[_T]:
+    """Iterate an async iterator from synchronous code, item by item.
+
+    The iterator ``make()`` returns runs on a fresh event loop in a worker thread (so this
+    works in plain scripts and inside a running loop alike), with HTTP sessions of its own as
+    in :func:`run_sync`; at most one item waits to be taken. Closing the returned generator
+    early (``break``) closes the async iterator on its loop and ends the thread.
+
+    Example::
+
+        for record in iterate_sync(lambda: indexer.stream(["photos/"])):
+            print(record.source)
+    """
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    loop_box: list[asyncio.AbstractEventLoop] = []
+    task_box: list[asyncio.Task[None]] = []
+
+    def hand_over(entry: tuple[str, Any]) -> bool:
+        """Put ``entry`` for the consumer (blocking, in a thread); False once it has stopped."""
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    async def pump() -> None:
+        iterator = make()
+        try:
+            async for item in iterator:
+                if not await asyncio.to_thread(hand_over, ("item", item)):
+                    break
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def run() -> None:
+        token = _PRIVATE_SESSION.set(True)
+        outcome: tuple[str, Any] = ("done", None)
+        try:
+            loop = asyncio.new_event_loop()
+            loop_box.append(loop)
+            try:
+                task = loop.create_task(pump())
+                task_box.append(task)
+                loop.run_until_complete(task)
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:  # handed to the consumer
+                outcome = ("error", exc)
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+        finally:
+            _PRIVATE_SESSION.reset(token)
+            hand_over(outcome)
+
+    worker = threading.Thread(target=run, name="moondream-iterate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        if loop_box and task_box:
+            with contextlib.suppress(RuntimeError):  # the loop has already finished
+                loop_box[0].call_soon_threadsafe(task_box[0].cancel)
+        worker.join()

@@ -55,7 +55,7 @@ from ._http_errors import (
     error_message,
     status_error,
 )
-from ._sessions import SessionScope, abandon_session, run_sync
+from ._sessions import SessionScope, abandon_session, iterate_sync, run_sync
 from ._streaming import Stream, decode_sse
 from ._version import __version__
 from .images import ReferenceKind, read_response_capped, reference_kind
@@ -87,6 +87,7 @@ __all__ = [
     "error_message",
     "parse_retry_after",
     "retry_delay",
+    "iterate_sync",
     "run_sync",
     "status_error",
 ]

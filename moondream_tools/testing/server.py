@@ -226,6 +226,8 @@ CANNOT_ANSWER = (
     "is present, or name a shape's color."
 )
 NO_IMAGE = "No image was provided, so I can't see anything to answer that about."
+#: The answer to a transcription request: the synthetic scenes hold no text.
+NO_TEXT = "There is no text in this image."
 
 
 def answer_question(question: str, found: Sequence[Found] | None) -> tuple[str, dict[str, Any]]:
@@ -238,6 +240,10 @@ def answer_question(question: str, found: Sequence[Found] | None) -> tuple[str, 
         r.add("The question comes without an image, so there is nothing to look at.")
         return NO_IMAGE, r.as_dict()
     q = " ".join(question.lower().split())
+
+    if re.search(r"\b(?:transcribe|read (?:out )?(?:all |the )?text|what (?:text|does (?:it|the \w+) say))", q):
+        r.add("The scene holds shapes only; no letters or words appear in it.")
+        return NO_TEXT, r.as_dict()
 
     m = re.search(r"\bhow many\s+(.*)", q)
     if m:

@@ -1,0 +1,32 @@
+"""Indexing images for retrieval (RAG): :class:`ImageIndexer` turns images into
+:class:`ImageRecord` s (caption, answers, text, objects with boxes) with text to embed and
+flat metadata for any vector store; a :class:`~moondream_tools.ResultCache` makes
+re-indexing what did not change free.
+
+Example::
+
+    from moondream_tools import AsyncMoondream, ResultCache
+    from moondream_tools.indexing import ImageIndexer
+
+    async with AsyncMoondream() as md:
+        indexer = ImageIndexer(md, ocr=True, detect=["person"], cache=ResultCache(".cache"))
+        for record in await indexer.index("photos/"):
+            print(record.id[:12], record.source, record.text())
+"""
+
+from .indexer import DEFAULT_OCR_PROMPT, ImageIndexer, IndexProgress
+from .records import FoundObjects, ImageRecord, MetadataValue, phrase_key
+from .sources import IMAGE_EXTENSIONS, IndexSource, expand_sources
+
+__all__ = [
+    "DEFAULT_OCR_PROMPT",
+    "IMAGE_EXTENSIONS",
+    "FoundObjects",
+    "ImageIndexer",
+    "ImageRecord",
+    "IndexProgress",
+    "IndexSource",
+    "MetadataValue",
+    "expand_sources",
+    "phrase_key",
+]
