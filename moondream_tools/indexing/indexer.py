@@ -134,8 +134,6 @@ class ImageIndexer:
         self.max_concurrency = max_concurrency
         self.cache = ResultCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.on_progress = on_progress
-        for skill in {call.skill for call in self._calls()}:
-            require_skill(backend, skill)
         # Indexing never segments: no segmentation upload is encoded.
         self.image_settings = dataclasses.replace(backend.image_settings, segment_upload=False)
 
@@ -267,6 +265,15 @@ class ImageIndexer:
     ) -> None:
         """Send the calls not cached: one prepared image for all of them (tiles for detect
         phrases on a large image), concurrently; store what succeeded."""
+        lacking = [(c, k) for c, k in missing if c.skill not in self.backend.skills]
+        for call, _ in lacking:  # the backend's own error, without a request
+            try:
+                require_skill(self.backend, call.skill)
+            except MoondreamError as exc:
+                record.errors[call.part] = str(exc)
+        missing = [(c, k) for c, k in missing if c.skill in self.backend.skills]
+        if not missing:
+            return
         tiled = plan_tiles(width, height, tiling=self.tiling, max_tiles=self.max_tiles).requests > 1
         needs_upload = any(call.skill != "detect" or not tiled for call, _ in missing)
         prepared: PreparedImage | None = None
