@@ -111,6 +111,9 @@ class ImageIndexer:
             raise TypeError(f"backend must be a VisionBackend, got {type(backend).__name__}")
         if isinstance(questions, str) or isinstance(detect, str):
             raise TypeError("questions and detect are lists of strings, not one string")
+        for item in (*questions, *detect, ocr_prompt):
+            if not isinstance(item, str):
+                raise TypeError(f"questions, detect and ocr_prompt hold strings, got {type(item).__name__}")
         check_length(caption_length)
         for question in (*questions, ocr_prompt):
             check_question(question)
@@ -220,11 +223,14 @@ class ImageIndexer:
         base = {"backend": identity["backend"], "model": identity["model"]}
         try:
             data = await self._read(source, state)
-            digest, (width, height) = await asyncio.to_thread(_inspect, data, self.image_settings)
-        except ImageError as exc:
+        except ImageError as exc:  # nothing was read: the id names the source
             return ImageRecord(id=_label_id(label), source=label, errors={"image": str(exc)}, **base)
+        digest, size = await asyncio.to_thread(_inspect, data, self.image_settings)
         if isinstance(source, bytes):
             label = f"bytes:{digest[:12]}"
+        if isinstance(size, ImageError):
+            return ImageRecord(id=digest, source=label, errors={"image": str(size)}, **base)
+        width, height = size
         record = ImageRecord(id=digest, source=label, width=width, height=height, **base)
         calls = self._calls()
         keys = [self._key(digest, call) for call in calls]
@@ -376,9 +382,13 @@ def _label_id(label: str) -> str:
     return hashlib.sha256(label.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _inspect(data: bytes, settings: ImageSettings) -> tuple[str, tuple[int, int]]:
-    """The image's id and upright size, from its header (blocking)."""
-    return image_digest(data), _peek(data, settings)
+def _inspect(data: bytes, settings: ImageSettings) -> tuple[str, tuple[int, int] | ImageError]:
+    """The image's id and its upright size from its header, or why it cannot be read (blocking)."""
+    digest = image_digest(data)
+    try:
+        return digest, _peek(data, settings)
+    except ImageError as exc:
+        return digest, exc
 
 
 def _fill(record: ImageRecord, calls: list[_Call], results: dict[str, Any]) -> None:

@@ -92,7 +92,8 @@ class ImageRecord(BaseModel):
 
     def text(self) -> str:
         """What a retriever should embed: the caption, each question and answer, the text in
-        the image, and the objects found (phrase and count)."""
+        the image, and the objects found (phrase and count; phrases with none found are left
+        out, so their words do not match every image; ``metadata()`` has their zero)."""
         lines = []
         if self.caption:
             lines.append(self.caption.strip())
@@ -100,11 +101,10 @@ class ImageRecord(BaseModel):
             lines.append(f"{question.strip()} {answer.strip()}")
         if self.ocr and self.ocr.strip():
             lines.append(f"Text in the image: {self.ocr.strip()}")
-        if self.objects:
-            found = "; ".join(
-                f"{o.phrase}: {'at least ' if o.capped else ''}{o.count}" for o in self.objects.values()
-            )
-            lines.append(f"Objects found: {found}.")
+        found = [o for o in self.objects.values() if o.count]
+        if found:  # phrases with nothing found stay out: their words would match every image
+            listed = "; ".join(f"{o.phrase}: {'at least ' if o.capped else ''}{o.count}" for o in found)
+            lines.append(f"Objects found: {listed}.")
         return "\n".join(lines)
 
     def metadata(self) -> dict[str, MetadataValue]:

@@ -23,6 +23,8 @@ faults) is read in one place, independent of the client's own modules.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
 import base64
 import binascii
 import io
@@ -33,6 +35,7 @@ import time
 import warnings
 from contextvars import ContextVar
 from http import HTTPStatus
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import EllipsisType
@@ -328,9 +331,29 @@ def _image_from_bytes(raw: bytes) -> Image.Image:
         raise _BadRequest("could not decode the image") from None
 
 
+#: Uploads seen lately (by a hash of the data URL): the calls of one image send the same
+#: upload, decoded and analysed once.
+_SEEN: OrderedDict[bytes, tuple[Image.Image, tuple[Found, ...]]] = OrderedDict()
+_SEEN_LOCK = threading.Lock()
+_SEEN_SIZE = 16
+
+
 def _see(url: Any) -> tuple[Image.Image, list[Found]]:
+    key = hashlib.blake2b(url.encode("ascii", "surrogateescape"), digest_size=20).digest() if isinstance(url, str) else None
+    if key is not None:
+        with _SEEN_LOCK:
+            hit = _SEEN.get(key)
+            if hit is not None:
+                _SEEN.move_to_end(key)
+                return hit[0].copy(), list(hit[1])
     img = _decode_image(url)
-    return img, engine.analyze(img)
+    found = engine.analyze(img)
+    if key is not None:
+        with _SEEN_LOCK:
+            _SEEN[key] = (img.copy(), tuple(found))
+            while len(_SEEN) > _SEEN_SIZE:
+                _SEEN.popitem(last=False)
+    return img, found
 
 
 class FakeMoondream(providers.ProvidersMixin):

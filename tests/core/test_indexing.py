@@ -84,6 +84,8 @@ def test_record_metadata_is_flat_and_names_each_phrase() -> None:
     assert meta["count_red_circle"] == 2 and json.loads(meta["boxes_red_circle"]) == [[0, 0, 5, 4]] * 2
     assert json.loads(meta["answers"]) == {"Is it red?": "no"} and json.loads(meta["errors"]) == {"ocr": "boom"}
     assert record.text().splitlines() == ["A cat.", "Is it red? no", "Objects found: Red Circle: 2."]
+    none = record.model_copy(update={"objects": {"car": FoundObjects(phrase="car", count=0)}})
+    assert "car" not in none.text() and none.metadata()["count_car"] == 0, "nothing found: no words to match"
     assert not record.ok
     assert set(ImageRecord.bulky_metadata_keys(meta)) >= {"boxes_red_circle", "answers", "errors"}
     assert phrase_key("Stop sign / no-entry") == "stop_sign_no_entry"
@@ -120,6 +122,7 @@ async def test_index_folder_against_scene_truth(fake: FakeMoondream, client: Asy
     assert [r.source for r in records] == paths, "input order"
     broken = records[0]
     assert broken.source.endswith("broken.jpg") and set(broken.errors) == {"image"}
+    assert broken.id == hashlib.sha256((root / "broken.jpg").read_bytes()).hexdigest(), "read: its bytes name it"
     assert "broken.jpg" not in json.dumps([r.model_dump() for r in records[1:]])
     by_name = {Path(r.source).name: r for r in records[1:]}
     for i, scene in enumerate(scenes):
@@ -207,6 +210,7 @@ async def test_bad_sources_and_missing_skills_become_record_errors(fake: FakeMoo
     assert records[0].errors["caption"].startswith("FalSam3 has no 'caption' skill (it has: segment)")
     assert (records[0].width, records[0].height) == (640, 480)
     assert "not found" in records[1].errors["image"]
+    assert records[1].id == hashlib.sha256(str(tmp_path / "missing.jpg").encode()).hexdigest(), "unread: its name"
     assert "404" in records[2].errors["image"]
     assert skill_requests(fake) == [], "a backend without the skills is never asked"
 
@@ -257,6 +261,8 @@ async def test_large_images_are_tiled_for_detect(fake: FakeMoondream, client: As
 def test_indexer_refuses_bad_options(client: AsyncMoondream) -> None:
     with pytest.raises(TypeError, match="lists of strings"):
         ImageIndexer(client, questions="What is it?")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="hold strings, got int"):
+        ImageIndexer(client, detect=["car", 3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="max_concurrency"):
         ImageIndexer(client, max_concurrency=0)
     with pytest.raises(ValueError, match="tiling"):

@@ -383,5 +383,7 @@ def test_public_surface() -> None:
         "MoondreamLocateTool",
         "MoondreamSegmentTool",
         "TOOL_CLASSES",
+        "MoondreamImageLoader",
+        "MoondreamImageBlobParser",
     }
     assert all(hasattr(langchain_moondream, name) for name in langchain_moondream.__all__)

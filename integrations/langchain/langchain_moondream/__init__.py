@@ -3,7 +3,10 @@
 Four tools (``describe_image``, ``count_objects``, ``locate_objects``, ``segment_object``)
 that let a text-only agent see, as thin LangChain wrappers over
 :class:`moondream_tools.VisionTools`, plus :class:`MoondreamToolkit` to build them around one
-shared client and image registry.
+shared client and image registry; and, for retrieval (RAG) over images,
+:class:`MoondreamImageLoader` (a document loader: one ``Document`` per image, with its
+caption, answers, text and objects found) and :class:`MoondreamImageBlobParser` (the same for
+one image blob, for ``GenericLoader`` or a PDF loader's ``images_parser``).
 
 Example::
 
@@ -23,6 +26,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
+from .loaders import MoondreamImageBlobParser, MoondreamImageLoader
 from .toolkit import MoondreamToolkit
 from .tools import (
     TOOL_CLASSES,
@@ -42,4 +46,6 @@ __all__ = [
     "MoondreamLocateTool",
     "MoondreamSegmentTool",
     "TOOL_CLASSES",
+    "MoondreamImageLoader",
+    "MoondreamImageBlobParser",
 ]
