@@ -39,6 +39,7 @@ from .images import ImageInput, ImageSettings, PreparedImage
 from .render import annotate, annotate_png
 from .policy import ImagePolicy
 from .result_cache import CachedBackend, ResultCache
+from .image_store import ImageStore
 from .tools import (
     DEFAULT_MAX_OBJECTS,
     TOOL_SPECS,
@@ -97,6 +98,7 @@ __all__ = [
     # agent tools
     "VisionTools",
     "ResultCache",
+    "ImageStore",
     "CachedBackend",
     "ImagePolicy",
     "TOOL_SPECS",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -16,6 +14,7 @@ from .._transport import run_sync
 from ..backend import CaptionLength, VisionBackend, backend_name, require_skill
 from ..errors import ImageAccessError, ImageError, MoondreamError, ToolArgumentsError, UnsupportedSkillError
 from ..geometry import pixels_to_box, pixels_to_point
+from ..image_store import ImageStore, check_handle
 from ..images import ImageInput, ImageSettings, PreparedImage, ReferenceKind, reference_kind
 from ..policy import ImagePolicy
 from ..render import annotate_png
@@ -36,11 +35,13 @@ from .texts import (
 )
 
 DEFAULT_MAX_OBJECTS = 250
-_HANDLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 #: The options :meth:`VisionTools.from_options` (and so every adapter) accepts.
-VISION_OPTIONS = ("backend", "segment_backend", "image_policy", "return_images", "max_objects", "tiling", "max_tiles")
+VISION_OPTIONS = (
+    "backend", "segment_backend", "image_policy", "return_images", "max_objects", "tiling", "max_tiles",
+    "image_store",
+)
 
 
 class VisionTools:
@@ -88,7 +89,10 @@ class VisionTools:
         max_objects: int = DEFAULT_MAX_OBJECTS,
         tiling: TilingMode | tuple[int, int] = "auto",
         max_tiles: int = DEFAULT_MAX_TILES,
+        image_store: ImageStore | None = None,
     ) -> None:
+        if image_store is not None and not isinstance(image_store, ImageStore):
+            raise TypeError(f"image_store must be an ImageStore, got {type(image_store).__name__}")
         for name, value in (("backend", backend), ("segment_backend", segment_backend)):
             if value is not None and not isinstance(value, VisionBackend):
                 raise TypeError(
@@ -111,7 +115,7 @@ class VisionTools:
         self.max_objects = max_objects
         self.tiling = tiling
         self.max_tiles = max_tiles
-        self._registry: dict[str, ImageInput] = {}
+        self.images = image_store if image_store is not None else ImageStore()
 
     @classmethod
     def from_options(
@@ -148,7 +152,7 @@ class VisionTools:
         segment = f", segment_backend={self.segment_backend!r}" if self.segment_backend is not None else ""
         return (
             f"VisionTools(backend={self.backend!r}{segment}, image_policy={self.policy!r},"
-            f" registered={list(self._registry)})"
+            f" registered={self.images.names})"
         )
 
     async def __aenter__(self) -> VisionTools:
@@ -177,36 +181,24 @@ class VisionTools:
             tools.add_image("scan.png", name="receipt")       # "receipt"
         """
         if name is None:
-            n = len(self._registry) + 1
-            while f"img_{n}" in self._registry:
+            taken = set(self.images.names)
+            n = len(taken) + 1
+            while f"img_{n}" in taken:
                 n += 1
             name = f"img_{n}"
-        elif not _HANDLE_RE.match(name):
-            raise ValueError(
-                f"image name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with"
-                " a letter, digit or '_'"
-            )
-        read = getattr(image, "read", None)
-        if callable(read) and not isinstance(image, (str, bytes, bytearray, memoryview, os.PathLike)):
-            # A file object can be read once: keep its bytes, so the image works in every call.
-            data = read()
-            if not isinstance(data, (bytes, bytearray)):
-                raise ImageError("a registered file object must be opened in binary mode ('rb')")
-            image = bytes(data)
-        self._registry[name] = image
-        return name
+        return self.images.put(image, name=check_handle(name))
 
     def remove_image(self, name: str) -> None:
         """Forget a registered image."""
-        self._registry.pop(name, None)
+        self.images.remove(name)
 
     @property
     def image_names(self) -> list[str]:
-        """The registered handles, in registration order."""
-        return list(self._registry)
+        """The registered handles, in registration order (a view of :attr:`images`)."""
+        return self.images.names
 
     def _unknown_handle(self, reference: str) -> ImageAccessError:
-        names = ", ".join(self._registry) or "none"
+        names = ", ".join(self.images.names) or "none"
         also = f" or a path under {self.policy._where()}" if self.policy.allowed_dirs else ""
         return ImageAccessError(f"image {reference!r} is not registered; registered: {names}{also}")
 
@@ -222,8 +214,8 @@ class VisionTools:
         if not isinstance(reference, str) or not reference.strip():
             raise ImageAccessError("image must be a non-empty string naming an image")
         reference = reference.strip()
-        if reference in self._registry:
-            source = self._registry[reference]
+        source = self.images.get(reference)  # ImageAccessError when it was evicted
+        if source is not None:
             return source, await self.backend.prepare(source), self.backend.image_settings
         try:
             source = await self.policy.resolve(reference)
@@ -232,7 +224,7 @@ class VisionTools:
                 raise
             if "/" not in reference and "\\" not in reference and "." not in reference:
                 raise self._unknown_handle(reference) from None
-            names = ", ".join(self._registry) or "none"
+            names = ", ".join(self.images.names) or "none"
             raise type(exc)(f"{exc}; registered images: {names}") from None
         settings = self.policy.image_settings(self.backend.image_settings)
         return source, await self.backend.prepare(source, settings=settings), settings

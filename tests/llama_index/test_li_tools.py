@@ -377,7 +377,7 @@ def test_unknown_keywords_are_refused_naming_the_accepted_ones() -> None:
         MoondreamToolSpec(AsyncMoondream(base_url="http://127.0.0.1:9/v1"), imagez=policy, max_objectz=3)
     assert str(info.value) == (
         "MoondreamToolSpec got unknown argument(s) 'imagez', 'max_objectz'; accepted: vision, backend,"
-        " segment_backend, image_policy, return_images, max_objects, tiling, max_tiles"
+        " segment_backend, image_policy, return_images, max_objects, tiling, max_tiles, image_store"
     )
     with pytest.raises(TypeError, match="'images'"):  # the old name is refused, not dropped
         MoondreamToolSpec(images=policy)

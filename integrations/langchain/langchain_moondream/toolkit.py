@@ -26,6 +26,8 @@ class MoondreamToolkit(BaseToolkit):
         return_images: also return an annotated PNG of each result as an image content block,
             for multimodal models (several providers reject images in tool results).
         max_objects: the limit sent to the backend when counting and locating.
+        image_store: the :class:`moondream_tools.ImageStore` the handles live in (default: a
+            new one in memory); an on-disk store keeps them across restarts.
         tools: the names of the tools to offer (default: all four, in ``TOOL_SPECS`` order).
         vision: an existing :class:`VisionTools` instead of the five options above.
 

@@ -39,6 +39,7 @@ from moondream_tools import (
     TOOL_SPECS,
     ImageInput,
     ImagePolicy,
+    ImageStore,
     MoondreamError,
     ToolResult,
     VisionBackend,
@@ -77,6 +78,8 @@ class MoondreamToolSpec(BaseToolSpec):
         tiling: ``"auto"`` (default), ``"always"``, ``"never"`` or ``(rows, cols)``: count and
             locate over tiles on large images (see :class:`moondream_tools.VisionTools`).
         max_tiles: the most tiles one phrase may cost (default 16).
+        image_store: the :class:`moondream_tools.ImageStore` the handles live in (default: a
+            new one in memory); an on-disk store keeps them across restarts.
         vision: an existing :class:`moondream_tools.VisionTools` to share (its backends,
             image registry and policy), instead of the options above.
 
@@ -110,6 +113,7 @@ class MoondreamToolSpec(BaseToolSpec):
         max_objects: int | None = None,
         tiling: TilingMode | tuple[int, int] | None = None,
         max_tiles: int | None = None,
+        image_store: ImageStore | None = None,
         vision: VisionTools | None = None,
         **unknown: Any,
     ) -> None:
@@ -123,6 +127,7 @@ class MoondreamToolSpec(BaseToolSpec):
             max_objects=max_objects,
             tiling=tiling,
             max_tiles=max_tiles,
+            image_store=image_store,
             **unknown,
         )
 
