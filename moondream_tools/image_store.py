@@ -12,6 +12,7 @@ again.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -107,8 +108,9 @@ class ImageStore:
             asking for the image again).
 
     In memory, paths and URLs the application registers are kept as references (read when
-    used) and PIL images and arrays as they are; on disk every image is kept as bytes (PIL
-    images and arrays as PNG), paths and URLs as references.
+    used) and PIL images, arrays and prepared images as they are; on disk every image is kept
+    as bytes (PIL images and arrays as PNG, a prepared image as its upload's JPEG), paths and
+    URLs as references.
 
     Example::
 
@@ -166,10 +168,16 @@ class ImageStore:
     def put(self, image: ImageInput, *, name: str | None = None) -> str:
         """Store ``image`` and return its handle: ``name`` if given (replacing what it named),
         else :func:`content_handle` of its bytes (for a path, the file's bytes)."""
-        if isinstance(image, PreparedImage):
-            raise TypeError("store the original image, not a PreparedImage (it holds only the downscaled upload)")
         if name is not None:
             check_handle(name)
+        if isinstance(image, PreparedImage):  # its upload only: sent as is (on disk: the JPEG)
+            if self.path is None:
+                digest = "prepared:" + hashlib.sha256(image.data_url.encode("ascii")).hexdigest()
+                handle = name if name is not None else "img_" + digest.rpartition(":")[2][:8]
+                with self._lock:
+                    self._put_memory(handle, digest, image)
+                return handle
+            image = base64.b64decode(image.data_url.partition(",")[2])
         data = _to_bytes(image)
         reference: str | None = None
         pixels = isinstance(image, Image.Image) or _is_numpy_array(image)
@@ -280,6 +288,8 @@ class ImageStore:
             nbytes = kept.width * kept.height * len(kept.getbands())
         elif _is_numpy_array(kept):
             nbytes = int(kept.nbytes)  # type: ignore[union-attr]
+        elif isinstance(kept, PreparedImage):
+            nbytes = len(kept.data_url)
         elif isinstance(kept, (bytes, bytearray)):
             nbytes = len(kept)
         else:

@@ -132,3 +132,15 @@ async def test_an_evicted_handle_is_a_tool_error_asking_for_the_image_again(fake
         with pytest.raises(ImageAccessError) as caught:
             await tools.count(old, "shapes")
         assert "send the image again" in tool_error_text(caught.value)
+
+
+async def test_a_prepared_image_is_kept_as_its_upload(tmp_path: Path) -> None:
+    from moondream_tools import ImageSettings
+    from moondream_tools.images import prepare_image
+
+    prepared = await prepare_image(jpeg(), settings=ImageSettings())
+    memory, disk = ImageStore(), ImageStore(tmp_path / "d")
+    assert memory.get(memory.put(prepared, name="p")) is prepared
+    stored = disk.get(disk.put(prepared, name="p"))
+    assert isinstance(stored, bytes) and Image.open(io.BytesIO(stored)).size == (prepared.upload_width, prepared.upload_height)
+    disk.close()
