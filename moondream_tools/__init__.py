@@ -41,6 +41,7 @@ from .policy import ImagePolicy
 from .result_cache import CachedBackend, ResultCache
 from .image_store import ImageStore
 from .tools import (
+    AttachedImage,
     DEFAULT_MAX_OBJECTS,
     TOOL_SPECS,
     CountResult,
@@ -99,6 +100,7 @@ __all__ = [
     "VisionTools",
     "ResultCache",
     "ImageStore",
+    "AttachedImage",
     "CachedBackend",
     "ImagePolicy",
     "TOOL_SPECS",

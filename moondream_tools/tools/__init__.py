@@ -47,6 +47,7 @@ from .texts import (
     ToolResult,
     tool_error_text,
 )
+from .attach import AttachedImage
 from .vision import DEFAULT_MAX_OBJECTS, VISION_OPTIONS, VisionTools
 
 __all__ = [
@@ -65,4 +66,5 @@ __all__ = [
     "SegmentObjectArgs",
     "tool_error_text",
     "VISION_OPTIONS",
+    "AttachedImage",
 ]

@@ -15,6 +15,8 @@ from ..backend import CaptionLength, VisionBackend, backend_name, require_skill
 from ..errors import ImageAccessError, ImageError, MoondreamError, ToolArgumentsError, UnsupportedSkillError
 from ..geometry import pixels_to_box, pixels_to_point
 from ..image_store import ImageStore, check_handle
+from .attach import AttachedImage, read_attachment
+from .attach import failed as attach_failed
 from ..images import ImageInput, ImageSettings, PreparedImage, ReferenceKind, reference_kind
 from ..policy import ImagePolicy
 from ..render import annotate_png
@@ -187,6 +189,36 @@ class VisionTools:
                 n += 1
             name = f"img_{n}"
         return self.images.put(image, name=check_handle(name))
+
+    async def attach(self, source: bytes | str) -> AttachedImage:
+        """Store an image a user attached (its bytes, a ``data:`` URL, or an ``http(s)`` URL
+        downloaded under the :class:`ImagePolicy`'s rules: a user message is untrusted too)
+        and return its handle, derived from its content, with the placeholder to show the
+        model instead. An image that cannot be used (not an image, over the policy's limits,
+        a URL the policy refuses) gives an :class:`AttachedImage` whose ``error`` says why;
+        this never raises for a bad image.
+
+        Example::
+
+            attached = await tools.attach(base64.b64decode(block["base64"]))
+            attached.placeholder          # "[image img_3fa2c1d0: 1280x853 px]"
+        """
+        settings = self.policy.image_settings(self.backend.image_settings)
+        try:
+            data, (width, height) = await read_attachment(source, settings, self._fetch_attachment)
+        except MoondreamError as exc:
+            return attach_failed(exc)
+        return AttachedImage(self.images.put(data), width, height)
+
+    async def _fetch_attachment(self, url: str) -> bytes:
+        if not self.policy.allow_urls:
+            raise ImageAccessError(
+                "image URLs are not allowed (ImagePolicy(allow_urls=True) allows them); attach the"
+                " image itself instead of a link"
+            )
+        source = await self.policy.resolve(url)
+        assert isinstance(source, bytes)
+        return source
 
     def remove_image(self, name: str) -> None:
         """Forget a registered image."""

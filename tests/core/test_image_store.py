@@ -144,3 +144,32 @@ async def test_a_prepared_image_is_kept_as_its_upload(tmp_path: Path) -> None:
     stored = disk.get(disk.put(prepared, name="p"))
     assert isinstance(stored, bytes) and Image.open(io.BytesIO(stored)).size == (prepared.upload_width, prepared.upload_height)
     disk.close()
+
+
+async def test_attach_stores_untrusted_images_and_says_why_it_cannot(fake: FakeMoondream) -> None:
+    import base64
+
+    from moondream_tools import ImagePolicy
+
+    async with AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url) as md:
+        tools = VisionTools(md, image_policy=ImagePolicy(max_pixels=1_000_000))
+        data = jpeg()
+        attached = await tools.attach(data)
+        assert attached.ok and attached.handle == content_handle(data)
+        assert attached.placeholder == f"[image {content_handle(data)}: 640x480 px]"
+        as_url = await tools.attach("data:image/jpeg;base64," + base64.b64encode(data).decode())
+        assert as_url == attached, "the same image, the same handle"
+        assert (await tools.count(attached.handle, "red circle")).count == 2  # type: ignore[arg-type]
+        big = jpeg(Scene(1600, 1200, [Shape("circle", "red", (400, 400), 90)]))
+        refused = [
+            await tools.attach(b"\x89PNG not really"),
+            await tools.attach(big),
+            await tools.attach("http://example.com/cat.jpg"),
+            await tools.attach("data:image/png;base64,%%%"),
+        ]
+        assert [r.ok for r in refused] == [False] * 4
+        assert "not an image" in refused[0].placeholder
+        assert "over the limit of 1000000" in refused[1].placeholder
+        assert "URLs are not allowed" in refused[2].placeholder
+        assert "base64" in refused[3].placeholder
+        assert tools.image_names == [attached.handle], "nothing stored for a refused image"
