@@ -29,6 +29,7 @@ from PIL import Image
 
 from .errors import ConfigurationError, ImageAccessError, ImageError
 from .images import ImageInput, PreparedImage
+from .images.cache import DigestedBytes
 from .images.sources import _array_to_image, _is_numpy_array
 
 __all__ = ["DEFAULT_STORE_BYTES", "ImageStore", "check_handle", "content_handle"]
@@ -37,6 +38,8 @@ __all__ = ["DEFAULT_STORE_BYTES", "ImageStore", "check_handle", "content_handle"
 DEFAULT_STORE_BYTES = 512 * 1024 * 1024
 _HANDLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _INDEX = "images.sqlite3"
+#: An on-disk store keeps the images it read lately in memory, up to this many bytes.
+_RECENT_BYTES = 64 * 1024 * 1024
 _BLOBS = "blobs"
 
 
@@ -130,6 +133,8 @@ class ImageStore:
         self._handles: OrderedDict[str, str] = OrderedDict()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._db: sqlite3.Connection | None = None
+        # on disk: the blobs read lately, so follow-up questions do not read the file again
+        self._recent: OrderedDict[str, DigestedBytes] = OrderedDict()
         if self.path is not None:
             self._open_disk(self.path)
 
@@ -143,6 +148,7 @@ class ImageStore:
             raise ConfigurationError(f"cannot open the image store at {str(path)!r}: {exc}") from None
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across crashes of the process
             db.execute(
                 "CREATE TABLE IF NOT EXISTS handles (handle TEXT PRIMARY KEY, digest TEXT NOT NULL,"
                 " reference TEXT, seq INTEGER NOT NULL)"
@@ -189,7 +195,7 @@ class ImageStore:
             reference = os.fspath(image)
         if data is not None:
             digest = hashlib.sha256(data).hexdigest()
-            kept: ImageInput = data
+            kept: ImageInput = DigestedBytes(data, digest)
         elif reference is not None:
             digest = "ref:" + hashlib.sha256(reference.encode("utf-8", "surrogateescape")).hexdigest()
             kept = image
@@ -306,6 +312,7 @@ class ImageStore:
         now = time.time()
         nbytes = len(data) if data is not None else len(reference or "")
         if data is not None:
+            self._remember(DigestedBytes(data, digest) if not isinstance(data, DigestedBytes) else data)
             blob = self._blob(digest)
             if not blob.exists():
                 partial = blob.with_name(f"{digest}.{os.getpid()}.{threading.get_ident()}.part")
@@ -339,6 +346,7 @@ class ImageStore:
             if row is None:
                 return
             self._db.execute("UPDATE blobs SET evicted = 1 WHERE digest = ?", (row[0],))
+            self._recent.pop(row[0], None)
             with contextlib.suppress(FileNotFoundError):
                 self._blob(row[0]).unlink()
 
@@ -347,6 +355,7 @@ class ImageStore:
         if self._db.execute("SELECT 1 FROM handles WHERE digest = ? LIMIT 1", (digest,)).fetchone():
             return
         self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+        self._recent.pop(digest, None)
         if not digest.startswith("ref:"):
             with contextlib.suppress(FileNotFoundError):
                 self._blob(digest).unlink()
@@ -366,11 +375,23 @@ class ImageStore:
         self._db.execute("UPDATE blobs SET used = ? WHERE digest = ?", (time.time(), digest))
         if reference is not None:
             return reference
+        recent = self._recent.get(digest)
+        if recent is not None:
+            self._recent.move_to_end(digest)
+            return recent
         try:
-            return self._blob(digest).read_bytes()
+            data = DigestedBytes(self._blob(digest).read_bytes(), digest)
         except FileNotFoundError:
             self._db.execute("UPDATE blobs SET evicted = 1 WHERE digest = ?", (digest,))
             raise self._gone(handle) from None
+        self._remember(data)
+        return data
+
+    def _remember(self, data: DigestedBytes) -> None:
+        self._recent[data.sha256] = data
+        self._recent.move_to_end(data.sha256)
+        while sum(map(len, self._recent.values())) > min(_RECENT_BYTES, self.max_bytes) and len(self._recent) > 1:
+            self._recent.popitem(last=False)
 
     @staticmethod
     def _gone(handle: str) -> ImageAccessError:

@@ -143,8 +143,22 @@ def _digest(data: bytes | memoryview | str) -> bytes:
     return hashlib.blake2b(data, digest_size=20).digest()
 
 
+class DigestedBytes(bytes):
+    """Image bytes that carry their sha256 (hex), as an :class:`~moondream_tools.ImageStore`
+    returns them: preparing them again finds the cached upload without hashing the bytes."""
+
+    sha256: str
+
+    def __new__(cls, data: bytes, sha256: str) -> DigestedBytes:
+        obj = super().__new__(cls, data)
+        obj.sha256 = sha256
+        return obj
+
+
 def _source_key(image: ImageInput) -> Hashable | None:
     """A cheap identity for ``image`` before reading it, or None when only its bytes can tell."""
+    if isinstance(image, DigestedBytes):
+        return ("sha256", image.sha256)
     if isinstance(image, Image.Image):
         return ("pil", id(image), image.size, image.mode)
     if isinstance(image, (bytes, bytearray, memoryview)):
