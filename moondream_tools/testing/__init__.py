@@ -3,14 +3,17 @@
 ``FakeMoondream`` is a real aiohttp server on loopback that speaks the
 Moondream wire format (and fal.ai's and AIgateway's, see ``providers``) and
 answers from what a toy vision engine sees in the received image; ``Scene``
-draws flat coloured shapes and knows the ground truth. Together they let you test an agent end to end without a key or a
-network. Needs numpy (``pip install "moondream-tools[testing]"``).
+draws flat coloured shapes and black dot-matrix ``Text`` and knows the ground
+truth (the emulator reads the text back from the pixels, see ``text``). Together
+they let you test an agent end to end without a key or a network. Needs numpy
+(``pip install "moondream-tools[testing]"``).
 
 This package is self-contained: it imports nothing else from moondream_tools.
 """
 
 from .engine import COLORS, KINDS, PALETTE, Found, analyze, matches, parse_phrase
-from .scene import Scene, Shape, ShapeTruth
+from .scene import Scene, Shape, ShapeTruth, Text, TextTruth
+from .text import read_text
 from .server import FakeMoondream, RecordedRequest
 from .providers import FormFile
 
@@ -25,7 +28,10 @@ __all__ = [
     "Scene",
     "Shape",
     "ShapeTruth",
+    "Text",
+    "TextTruth",
     "analyze",
     "matches",
     "parse_phrase",
+    "read_text",
 ]

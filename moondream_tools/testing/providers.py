@@ -72,6 +72,7 @@ from aiohttp import web
 from PIL import Image, ImageDraw
 
 from . import engine
+from . import text as text_reader
 from . import server as _srv  # partially initialised while server imports us: used at call time only
 from .engine import Found
 
@@ -683,7 +684,7 @@ async def _fal_moondream(fake: ProvidersMixin, skill: str, body: Any) -> dict[st
         text = await asyncio.to_thread(_srv._caption, img, found, values.get("length", "normal"))
         return {"output": text, "finish_reason": "stop", "usage_info": _usage("", _text_tokens(text))}
     if skill == "query":
-        answer, reasoning = _srv.answer_question(values["prompt"], found)
+        answer, reasoning = await asyncio.to_thread(_srv.answer_question, values["prompt"], found, img)
         out: dict[str, Any] = {"output": answer}
         tokens = _text_tokens(answer)
         if values.get("reasoning", True):  # fal's default is true
@@ -691,7 +692,10 @@ async def _fal_moondream(fake: ProvidersMixin, skill: str, body: Any) -> dict[st
             tokens += _text_tokens(reasoning["text"])
         return {**out, "finish_reason": "stop", "usage_info": _usage(values["prompt"], tokens)}
     if skill in ("detect", "point"):
-        hits = _srv._matching(found, values["prompt"])  # fal has no max_objects: every hit
+        if text_reader.is_text_phrase(values["prompt"]):
+            hits = await asyncio.to_thread(_srv._text_lines, img)
+        else:
+            hits = _srv._matching(found, values["prompt"])  # fal has no max_objects: every hit
         if skill == "detect":
             out = {"objects": [_srv._box(f) for f in hits]}
         else:

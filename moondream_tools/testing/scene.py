@@ -1,9 +1,10 @@
 """Synthetic scenes with ground truth for the offline Moondream emulator.
 
-A :class:`Scene` is a plain background with flat, saturated shapes on it.
-It renders to a PIL image, gives the visible mask of every shape (later shapes
-occlude earlier ones) and the ground truth the emulator's engine should find:
-labels, normalized boxes, centroids and areas.
+A :class:`Scene` is a plain background with flat, saturated shapes on it and,
+optionally, lines of black dot-matrix :class:`Text`. It renders to a PIL image,
+gives the visible mask of every shape (later shapes occlude earlier ones) and the
+ground truth the emulator's engine should find: labels, normalized boxes,
+centroids and areas, and the text with its pixel boxes.
 
 >>> scene = Scene.random(seed=7)
 >>> image = scene.render()
@@ -23,8 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .engine import COLORS, KINDS, PALETTE, phrase_matches
+from .text import line_bitmap
 
-__all__ = ["Shape", "ShapeTruth", "Scene", "PALETTE", "COLORS", "KINDS"]
+__all__ = ["Shape", "ShapeTruth", "Text", "TextTruth", "Scene", "PALETTE", "COLORS", "KINDS"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,87 @@ class ShapeTruth:
     bbox_px: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
 
 
+@dataclass(frozen=True)
+class Text:
+    """A line of black (0, 0, 0) text in the emulator's 5x7 dot-matrix font.
+
+    ``origin`` is the top-left pixel (x, y) of the first glyph cell; ``height`` is the
+    glyph height in pixels and must be a positive multiple of 7: each font dot is a
+    square of ``height // 7`` pixels (``dot``), glyphs are 5 dots wide with one blank dot
+    between them. Characters: A-Z (lower case is printed upper case), 0-9, space and
+    ``-.:!?/#%`` (see :data:`moondream_tools.testing.text.FONT`); single spaces between
+    words, none at either end, and at least one letter or digit (the emulator takes the
+    dot size from their full height). Anything else raises ValueError. The emulator reads
+    the line exactly when its dots are at least 3 px in the image it receives.
+
+    >>> t = Text("Exit 12", (10, 20), 21)
+    >>> t.dot, t.box()
+    (3, (10, 20, 133, 41))
+    """
+
+    text: str
+    origin: tuple[int, int]
+    height: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text:
+            raise ValueError("text must be a non-empty string")
+        line_bitmap(self.text)  # ValueError for characters outside the font
+        if self.text != self.text.strip() or "  " in self.text:
+            raise ValueError(f"{self.text!r}: single spaces between words only, none at the ends")
+        if not any(ch.isalnum() for ch in self.text):
+            raise ValueError(f"{self.text!r}: a text needs at least one letter or digit")
+        if isinstance(self.height, bool) or not isinstance(self.height, int) or self.height < 7 or self.height % 7:
+            raise ValueError(f"height must be a positive multiple of 7 (7, 14, 21, ...), got {self.height!r}")
+        if (
+            not isinstance(self.origin, tuple)
+            or len(self.origin) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.origin)
+        ):
+            raise ValueError(f"origin must be a tuple of two integer pixels (x, y), got {self.origin!r}")
+
+    @property
+    def dot(self) -> int:
+        """Side of one font dot in pixels."""
+        return self.height // 7
+
+    def bitmap(self) -> np.ndarray:
+        """(height, width) bool ink of the whole line, starting at ``origin``."""
+        d = self.dot
+        return np.kron(line_bitmap(self.text), np.ones((d, d), dtype=bool)).astype(bool)
+
+    def box(self) -> tuple[int, int, int, int]:
+        """Exact pixel box of the ink (x0, y0, x1, y1; x1, y1 exclusive)."""
+        ink = self.bitmap()
+        cols = np.nonzero(ink.any(axis=0))[0]
+        x, y = self.origin
+        return x + int(cols[0]), y, x + int(cols[-1]) + 1, y + self.height
+
+
+@dataclass(frozen=True)
+class TextTruth:
+    """Ground truth of one :class:`Text`: its upper-cased ``text`` and the exact pixel box
+    of its ink, ``bbox_px`` = (x0, y0, x1, y1) with x1, y1 exclusive.
+
+    >>> Scene(200, 60, [], texts=[Text("No 7", (4, 4), 14)]).text_truth()
+    [TextTruth(text='NO 7', bbox_px=(4, 4, 50, 18))]
+    """
+
+    text: str
+    bbox_px: tuple[int, int, int, int]
+
+
+def _intersect(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Whether two exclusive boxes share a pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 class Scene:
-    """Shapes on a plain background, with exact ground truth."""
+    """Shapes and text on a plain background, with exact ground truth.
+
+    ``texts`` must lie inside the image and must not overlap each other nor any
+    shape's box (ValueError); they do not change the shapes' truth.
+    """
 
     def __init__(
         self,
@@ -109,6 +190,7 @@ class Scene:
         height: int,
         shapes: Iterable[Shape],
         background: tuple[int, int, int] = (255, 255, 255),
+        texts: Iterable[Text] = (),
     ) -> None:
         if width < 1 or height < 1:
             raise ValueError("width and height must be positive")
@@ -116,11 +198,27 @@ class Scene:
         self.height = int(height)
         self.shapes: tuple[Shape, ...] = tuple(shapes)
         self.background = tuple(int(v) for v in background)
+        self.texts: tuple[Text, ...] = tuple(texts)
+        boxes: list[tuple[int, int, int, int]] = []
+        for text in self.texts:
+            if not isinstance(text, Text):
+                raise ValueError(f"texts must be Text objects, got {text!r}")
+            box = text.box()
+            if box[0] < 0 or box[1] < 0 or box[2] > self.width or box[3] > self.height:
+                raise ValueError(f"{text!r} does not fit in the {self.width}x{self.height} image")
+            for shape in self.shapes:
+                x0, y0, x1, y1 = shape.box()
+                if _intersect(box, (x0, y0, x1 + 1, y1 + 1)):
+                    raise ValueError(f"{text!r} overlaps the {shape.label} at {shape.center}")
+            if any(_intersect(box, other) for other in boxes):
+                raise ValueError(f"{text!r} overlaps another text")
+            boxes.append(box)
         self._labels: np.ndarray | None = None
         self._truth: list[ShapeTruth] | None = None
 
     def __repr__(self) -> str:
-        return f"Scene({self.width}x{self.height}, {[s.label for s in self.shapes]})"
+        texts = f", texts={[t.text for t in self.texts]}" if self.texts else ""
+        return f"Scene({self.width}x{self.height}, {[s.label for s in self.shapes]}{texts})"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -129,12 +227,19 @@ class Scene:
     # -- rendering ----------------------------------------------------------
 
     def render(self) -> Image.Image:
-        """The scene as an RGB image (no anti-aliasing)."""
+        """The scene as an RGB image (no anti-aliasing); texts are printed black."""
         img = Image.new("RGB", (self.width, self.height), self.background)
         draw = ImageDraw.Draw(img)
         for shape in self.shapes:
             shape.draw(draw, shape.rgb, self.background)
-        return img
+        if not self.texts:
+            return img
+        arr = np.array(img)
+        for text in self.texts:
+            ink = text.bitmap()
+            x, y = text.origin
+            arr[y : y + ink.shape[0], x : x + ink.shape[1]][ink] = 0
+        return Image.fromarray(arr)
 
     def encode(self, format: str = "JPEG", quality: int = 95) -> bytes:
         """Rendered image as encoded bytes (JPEG by default, like the official client)."""
@@ -207,6 +312,17 @@ class Scene:
                 )
             self._truth = out
         return list(self._truth)
+
+    def text_truth(self) -> list[TextTruth]:
+        """Ground truth of every text, in reading order (top to bottom, then left to right).
+
+        >>> scene = Scene(320, 120, [Shape("circle", "red", (260, 60), 60)],
+        ...               texts=[Text("Total: 42", (10, 70), 14), Text("Exit", (10, 10), 21)])
+        >>> [(t.text, t.bbox_px) for t in scene.text_truth()]
+        [('EXIT', (10, 10, 79, 31)), ('TOTAL: 42', (10, 70, 116, 84))]
+        """
+        truth = [TextTruth(t.text.upper(), t.box()) for t in self.texts]
+        return sorted(truth, key=lambda t: (t.bbox_px[1], t.bbox_px[0]))
 
     def matching(self, phrase: str) -> list[ShapeTruth]:
         """Visible shapes the phrase names, with the engine's phrase rules."""
@@ -293,11 +409,16 @@ class Scene:
         return cls(width, height, placed, background)
 
     def scaled(self, factor: float) -> Scene:
-        """The same scene drawn at another resolution (shapes scaled with it)."""
+        """The same scene drawn at another resolution (shapes scaled with it; texts keep
+        their origin scaled and a dot of ``round(dot * factor)``, at least 1 pixel)."""
         w = max(1, int(round(self.width * factor)))
         h = max(1, int(round(self.height * factor)))
         shapes = [
             Shape(s.kind, s.color, (s.center[0] * factor, s.center[1] * factor), max(2.0, s.size * factor))
             for s in self.shapes
         ]
-        return Scene(w, h, shapes, self.background)
+        texts = [
+            Text(t.text, (int(round(t.origin[0] * factor)), int(round(t.origin[1] * factor))), 7 * max(1, round(t.dot * factor)))
+            for t in self.texts
+        ]
+        return Scene(w, h, shapes, self.background, texts)

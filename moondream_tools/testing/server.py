@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 from types import EllipsisType
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 from PIL import Image
 
 from . import engine, providers
+from . import text as text_reader
 from .engine import Found
 
 __all__ = ["FakeMoondream", "RecordedRequest", "answer_question", "make_caption"]
@@ -229,14 +231,18 @@ CANNOT_ANSWER = (
     "is present, or name a shape's color."
 )
 NO_IMAGE = "No image was provided, so I can't see anything to answer that about."
-#: The answer to a transcription request: the synthetic scenes hold no text.
+#: The answer to a transcription request when no text is read in the image.
 NO_TEXT = "There is no text in this image."
 
 
-def answer_question(question: str, found: Sequence[Found] | None) -> tuple[str, dict[str, Any]]:
+def answer_question(
+    question: str, found: Sequence[Found] | None, image: Image.Image | None = None
+) -> tuple[str, dict[str, Any]]:
     """Answer a question about the found shapes; returns (answer, reasoning dict).
 
-    ``found`` None means no image was given.
+    ``found`` None means no image was given. A transcription question is answered with the
+    lines :func:`~moondream_tools.testing.text.read_text` reads in ``image``, one per line,
+    or ``NO_TEXT`` (also when ``image`` is None).
     """
     r = _Reasoning()
     if found is None:
@@ -245,8 +251,12 @@ def answer_question(question: str, found: Sequence[Found] | None) -> tuple[str, 
     q = " ".join(question.lower().split())
 
     if re.search(r"\b(?:transcribe|read (?:out )?(?:all |the )?text|what (?:text|does (?:it|the \w+) say))", q):
-        r.add("The scene holds shapes only; no letters or words appear in it.")
-        return NO_TEXT, r.as_dict()
+        lines = [line.text for line in text_reader.read_text(image)] if image is not None else []
+        if not lines:
+            r.add("I find no letters or words in the image.")
+            return NO_TEXT, r.as_dict()
+        r.add(f"I read {_number(len(lines))} line{'s' if len(lines) > 1 else ''} of text, top to bottom.")
+        return "\n".join(lines), r.as_dict()
 
     m = re.search(r"\bhow many\s+(.*)", q)
     if m:
@@ -769,10 +779,10 @@ class FakeMoondream(providers.ProvidersMixin):
         body = await self._body(request)
         question = self._text_field(body, "question")
         self._spatial_refs(body)
-        found = None
+        found = img = None
         if body.get("image_url") is not None:
-            _, found = await asyncio.to_thread(_see, body.get("image_url"))
-        answer, reasoning = answer_question(question, found)
+            img, found = await asyncio.to_thread(_see, body.get("image_url"))
+        answer, reasoning = await asyncio.to_thread(answer_question, question, found, img)
         want_reasoning = bool(body.get("reasoning"))
         if body.get("stream"):
             rid = _request_id()
@@ -788,7 +798,9 @@ class FakeMoondream(providers.ProvidersMixin):
         phrase = self._text_field(body, "object")
         cap = self._max_objects(body)
         refs = self._spatial_refs(body)
-        _, found = await asyncio.to_thread(_see, body.get("image_url"))
+        img, found = await asyncio.to_thread(_see, body.get("image_url"))
+        if text_reader.is_text_phrase(phrase):
+            return body, await asyncio.to_thread(_text_lines, img, refs), cap
         return body, _matching(found, phrase, refs), cap
 
     async def _h_detect(self, request: web.Request) -> web.StreamResponse:
@@ -834,10 +846,10 @@ class FakeMoondream(providers.ProvidersMixin):
         question, image_url = _chat_inputs(messages)
         if not question:
             raise _BadRequest("the last user message has no text")
-        found = None
+        found = img = None
         if image_url is not None:
-            _, found = await asyncio.to_thread(_see, image_url)
-        answer, reasoning = answer_question(question, found)
+            img, found = await asyncio.to_thread(_see, image_url)
+        answer, reasoning = await asyncio.to_thread(answer_question, question, found, img)
         want_reasoning = bool(body.get("reasoning"))
         model = body.get("model") if isinstance(body.get("model"), str) else self.models[0]
         cid = "chatcmpl-" + secrets.token_hex(12)
@@ -889,6 +901,30 @@ def _matching(found: Sequence[Found], phrase: str, refs: Sequence[tuple[float, f
     if refs:
         hits = [f for f in hits if any(f.contains(x, y) for x, y in refs)]
     return hits
+
+
+def _text_lines(img: Image.Image, refs: Sequence[tuple[float, float]] = ()) -> list[Found]:
+    """The text lines read in ``img`` as box-shaped ``Found`` (kind "text"), for detect and
+    point of "text"; with ``refs`` only the lines under a ref point."""
+    w, h = img.size
+    hits = []
+    for line in text_reader.read_text(img):
+        x0, y0, x1, y1 = (max(0, min(v, lim)) for v, lim in zip(line.bbox_px, (w, h, w, h)))
+        hits.append(
+            Found(
+                kind="text",
+                color="black",
+                label=f"text {line.text!r}",
+                bbox=(x0 / w, y0 / h, x1 / w, y1 / h),
+                center=((x0 + x1) / 2 / w, (y0 + y1) / 2 / h),
+                area_px=(x1 - x0) * (y1 - y0),
+                bbox_px=(x0, y0, x1, y1),
+                image_size=(w, h),
+                fill_ratio=1.0,
+                mask_crop=np.ones((y1 - y0, x1 - x0), dtype=bool),
+            )
+        )
+    return [f for f in hits if any(f.contains(x, y) for x, y in refs)] if refs else hits
 
 
 def _segmented(
