@@ -9,12 +9,14 @@ the tools: ``[image img_3fa2c1d0: 1280x853 px]``.
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..errors import ImageError, MoondreamError
 from ..images import ImageSettings, ReferenceKind, reference_kind
 from ..images.decode import _check_pixels, _open_checked, _oriented_size
-from ..images.sources import _decode_data_url
+from ..images.sources import _decode_data_url, read_image_file
 
 __all__ = ["AttachedImage"]
 
@@ -63,23 +65,30 @@ def upright_size(data: bytes, settings: ImageSettings) -> tuple[int, int]:
         raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
 
 
-async def read_attachment(source: bytes | str, settings: ImageSettings, fetch: object) -> tuple[bytes, tuple[int, int]]:
-    """The bytes and upright size of an attached image (``fetch`` downloads http(s) URLs
-    under the policy)."""
+async def read_attachment(
+    source: bytes | str | os.PathLike[str], settings: ImageSettings,
+    fetch: Callable[[str], Awaitable[bytes]], resolve_path: Callable[[str], Awaitable[object]],
+) -> tuple[bytes, tuple[int, int]]:
+    """The bytes and upright size of an attached image: ``fetch`` downloads http(s) URLs and
+    ``resolve_path`` checks paths and ``file:`` URLs, both under the policy."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > settings.max_bytes:
             raise ImageError(f"the image is {len(data)} bytes, over the limit of {settings.max_bytes} bytes")
-    elif isinstance(source, str):
-        kind = reference_kind(source)
+    elif isinstance(source, (str, os.PathLike)):
+        reference = os.fspath(source)
+        kind = reference_kind(reference)
         if kind is ReferenceKind.DATA_URL:
-            data = _decode_data_url(source, settings)
+            data = _decode_data_url(reference, settings)
         elif kind is ReferenceKind.URL:
-            data = await fetch(source)  # type: ignore[operator]
-        else:
-            raise ImageError("an attached image must be its bytes, a data: URL or an http(s) URL")
+            data = await fetch(reference)
+        elif kind in (ReferenceKind.PATH, ReferenceKind.FILE_URL):
+            resolved = await resolve_path(reference)  # ImageAccessError outside allowed_dirs
+            data = await asyncio.to_thread(read_image_file, os.fspath(resolved), settings)  # type: ignore[arg-type]
+        else:  # pragma: no cover - every kind is handled above
+            raise ImageError("an attached image must be its bytes, a path or a data: or http(s) URL")
     else:
-        raise ImageError(f"an attached image must be bytes or a URL, not {type(source).__name__}")
+        raise ImageError(f"an attached image must be bytes, a path or a URL, not {type(source).__name__}")
     size = await asyncio.to_thread(upright_size, data, settings)
     return data, size
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -190,10 +191,11 @@ class VisionTools:
             name = f"img_{n}"
         return self.images.put(image, name=check_handle(name))
 
-    async def attach(self, source: bytes | str) -> AttachedImage:
-        """Store an image a user attached (its bytes, a ``data:`` URL, or an ``http(s)`` URL
-        downloaded under the :class:`ImagePolicy`'s rules: a user message is untrusted too)
-        and return its handle, derived from its content, with the placeholder to show the
+    async def attach(self, source: bytes | str | os.PathLike[str]) -> AttachedImage:
+        """Store an image a user attached (its bytes, a ``data:`` URL, an ``http(s)`` URL
+        downloaded under the :class:`ImagePolicy`'s rules, or a path or ``file:`` URL read only
+        inside the policy's ``allowed_dirs``: a user message is untrusted too) and return its
+        handle, derived from its content, with the placeholder to show the
         model instead. An image that cannot be used (not an image, over the policy's limits,
         a URL the policy refuses) gives an :class:`AttachedImage` whose ``error`` says why;
         this never raises for a bad image.
@@ -205,7 +207,9 @@ class VisionTools:
         """
         settings = self.policy.image_settings(self.backend.image_settings)
         try:
-            data, (width, height) = await read_attachment(source, settings, self._fetch_attachment)
+            data, (width, height) = await read_attachment(
+                source, settings, self._fetch_attachment, self.policy.resolve
+            )
         except MoondreamError as exc:
             return attach_failed(exc)
         return AttachedImage(self.images.put(data), width, height)

@@ -173,3 +173,22 @@ async def test_attach_stores_untrusted_images_and_says_why_it_cannot(fake: FakeM
         assert "URLs are not allowed" in refused[2].placeholder
         assert "base64" in refused[3].placeholder
         assert tools.image_names == [attached.handle], "nothing stored for a refused image"
+
+
+async def test_attach_reads_user_paths_only_inside_the_allowed_dirs(fake: FakeMoondream, tmp_path: Path) -> None:
+    from moondream_tools import ImagePolicy
+
+    inside, outside = tmp_path / "uploads", tmp_path / "secret"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "a.jpg").write_bytes(jpeg())
+    (outside / "b.jpg").write_bytes(jpeg(Scene.demo()))
+    async with AsyncMoondream(api_key=fake.api_key, base_url=fake.base_url) as md:
+        tools = VisionTools(md, image_policy=ImagePolicy(allowed_dirs=[inside]))
+        ok = await tools.attach(inside / "a.jpg")
+        assert ok.handle == content_handle(jpeg()) and (ok.width, ok.height) == (640, 480)
+        assert (await tools.attach((inside / "a.jpg").as_uri())) == ok
+        for refused in (outside / "b.jpg", str(inside / ".." / "secret" / "b.jpg"), (outside / "b.jpg").as_uri()):
+            result = await tools.attach(refused)
+            assert not result.ok and "not allowed" in result.placeholder, result
+        assert not (await VisionTools(md).attach(inside / "a.jpg")).ok, "the default policy reads no path"

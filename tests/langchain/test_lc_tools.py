@@ -385,5 +385,6 @@ def test_public_surface() -> None:
         "TOOL_CLASSES",
         "MoondreamImageLoader",
         "MoondreamImageBlobParser",
+        "MoondreamImageMiddleware",
     }
     assert all(hasattr(langchain_moondream, name) for name in langchain_moondream.__all__)

@@ -6,7 +6,9 @@ that let a text-only agent see, as thin LangChain wrappers over
 shared client and image registry; and, for retrieval (RAG) over images,
 :class:`MoondreamImageLoader` (a document loader: one ``Document`` per image, with its
 caption, answers, text and objects found) and :class:`MoondreamImageBlobParser` (the same for
-one image blob, for ``GenericLoader`` or a PDF loader's ``images_parser``).
+one image blob, for ``GenericLoader`` or a PDF loader's ``images_parser``); and, for images
+users send to the agent, :class:`MoondreamImageMiddleware` (``create_agent`` middleware that
+turns each image in the conversation into a handle for the tools; needs ``langchain``).
 
 Example::
 
@@ -20,6 +22,7 @@ Example::
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = _version("langchain-moondream")
@@ -37,6 +40,21 @@ from .tools import (
     MoondreamSegmentTool,
 )
 
+if TYPE_CHECKING:
+    from .middleware import MoondreamImageMiddleware
+
+
+def __getattr__(name: str) -> Any:
+    # The middleware needs ``langchain`` (create_agent), not only langchain-core: imported
+    # on first use, so the tools and loaders work without it.
+    if name == "MoondreamImageMiddleware":
+        from .middleware import MoondreamImageMiddleware
+
+        globals()[name] = MoondreamImageMiddleware
+        return MoondreamImageMiddleware
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "MoondreamToolkit",
@@ -48,4 +66,5 @@ __all__ = [
     "TOOL_CLASSES",
     "MoondreamImageLoader",
     "MoondreamImageBlobParser",
+    "MoondreamImageMiddleware",
 ]

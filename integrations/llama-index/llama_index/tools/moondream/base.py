@@ -13,6 +13,11 @@ image, a refused path, invalid arguments, a rate limit, ...) becomes an output w
 ``is_error=True`` whose content tells the model what to do; any other exception is a bug
 and propagates.
 
+Images a user sends (``ImageBlock`` s in chat messages) are turned into handles by
+:meth:`MoondreamToolSpec.attach` / :meth:`~MoondreamToolSpec.attach_messages` before the
+agent runs, so a text-only model (and its memory) sees ``[image img_3fa2c1d0: 1280x853 px]``
+instead of the image.
+
 Example::
 
     from llama_index.core.agent.workflow import FunctionAgent
@@ -27,10 +32,10 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from llama_index.core.base.llms.types import ContentBlock, ImageBlock, TextBlock
+from llama_index.core.base.llms.types import ChatMessage, ContentBlock, ImageBlock, TextBlock
 from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
 from llama_index.core.tools.tool_spec.base import SPEC_FUNCTION_TYPE, BaseToolSpec
 from pydantic import BaseModel
@@ -44,11 +49,16 @@ from moondream_tools import (
     ToolResult,
     VisionBackend,
     VisionTools,
+    run_sync,
     tool_error_text,
 )
 from moondream_tools.tiling import TilingMode
 
+from llama_index.tools.moondream.attachments import aattach_message
+
 __all__ = ["MoondreamToolSpec"]
+
+_UserMsg = TypeVar("_UserMsg", str, ChatMessage, None)
 
 
 def _passthrough(output: ToolOutput) -> ToolOutput:
@@ -86,7 +96,9 @@ class MoondreamToolSpec(BaseToolSpec):
     ``spec_functions`` are the four tool names; :meth:`to_tool_list` makes them
     ``FunctionTool`` s (sync and async), and :meth:`call_tool` / :meth:`acall_tool` run one
     by name. Both work in a plain script and inside a running event loop. Unknown keyword
-    arguments are a ``TypeError`` naming the accepted ones.
+    arguments are a ``TypeError`` naming the accepted ones. Images users send in chat
+    messages become handles with :meth:`attach` / :meth:`attach_messages` (and their async
+    forms :meth:`aattach` / :meth:`aattach_messages`) before the agent sees them.
 
     Example::
 
@@ -158,6 +170,85 @@ class MoondreamToolSpec(BaseToolSpec):
             spec.add_image("scan.png", name="receipt")      # "receipt"
         """
         return self.vision.add_image(image, name=name)
+
+    # ------------------------------------------------------------ images users send
+
+    async def aattach(self, message: ChatMessage) -> ChatMessage:
+        """``message`` with each ``ImageBlock`` replaced, in place, by a ``TextBlock`` naming
+        the image's handle: ``[image img_3fa2c1d0: 1280x853 px]``.
+
+        Each image is stored in this spec's image store under a handle derived from its
+        content (the same image -> the same handle), which the tools then resolve, in this
+        process or, with an on-disk :class:`moondream_tools.ImageStore`, after a restart. The
+        copy keeps the role, the other blocks (in order) and ``additional_kwargs`` (less the
+        legacy ``"images"`` key, whose images are the blocks replaced); a message without
+        images is returned as is.
+
+        A user message is untrusted: an ``ImageBlock``'s ``image`` (raw or base64 bytes) and
+        ``data:`` URL are held to the :class:`moondream_tools.ImagePolicy`'s size limits; an
+        ``http(s)`` ``url`` is downloaded only under the policy (``allow_urls=True``, public
+        addresses, capped); a ``path`` or ``file:`` URL is read only inside the policy's
+        ``allowed_dirs`` (``spec.vision.policy.resolve``), never through
+        ``ImageBlock.resolve_image()``. An image that cannot be used becomes
+        ``[image could not be used: <why>]``: this never raises for a bad image.
+
+        Example::
+
+            message = ChatMessage(role="user", blocks=[
+                TextBlock(text="How many cats are on the sofa?"),
+                ImageBlock(image=jpeg_bytes),
+            ])
+            message = await spec.aattach(message)
+            message.content   # 'How many cats are on the sofa?\n[image img_3fa2c1d0: 1280x853 px]'
+            response = await agent.run(user_msg=message, memory=memory)
+        """
+        rewritten, _ = await aattach_message(self.vision, message)
+        return rewritten
+
+    def attach(self, message: ChatMessage) -> ChatMessage:
+        """:meth:`aattach` from synchronous code (a plain script, or inside a running event
+        loop, where it runs on a worker thread).
+
+        Example::
+
+            message = spec.attach(ChatMessage(role="user", blocks=[ImageBlock(path="cat.jpg")]))
+        """
+        return run_sync(lambda: self.aattach(message))
+
+    async def aattach_messages(
+        self, user_msg: _UserMsg, chat_history: Sequence[ChatMessage] | None = None
+    ) -> tuple[_UserMsg, list[ChatMessage]]:
+        """``agent.run``'s ``user_msg`` and ``chat_history`` with every image replaced by its
+        handle (see :meth:`aattach`): ``(user_msg, chat_history)``.
+
+        ``user_msg`` may be a ``ChatMessage``, a ``str`` (returned as it is: text holds no
+        image) or None (returned as None); ``chat_history`` a sequence of messages or None
+        (an empty list back). Messages without images come back as they are, so passing the
+        whole history again each turn costs little.
+
+        Example::
+
+            user_msg, chat_history = await spec.aattach_messages(user_msg, chat_history)
+            response = await agent.run(user_msg=user_msg, chat_history=chat_history)
+        """
+        if user_msg is not None and not isinstance(user_msg, (str, ChatMessage)):
+            raise TypeError(f"user_msg must be a str or a ChatMessage, got {type(user_msg).__name__}")
+        history = list(chat_history or [])
+        rewritten = [await self.aattach(message) for message in history]
+        if isinstance(user_msg, ChatMessage):
+            return await self.aattach(user_msg), rewritten  # type: ignore[return-value]
+        return user_msg, rewritten
+
+    def attach_messages(
+        self, user_msg: _UserMsg, chat_history: Sequence[ChatMessage] | None = None
+    ) -> tuple[_UserMsg, list[ChatMessage]]:
+        """:meth:`aattach_messages` from synchronous code.
+
+        Example::
+
+            user_msg, chat_history = spec.attach_messages(user_msg, chat_history)
+        """
+        return run_sync(lambda: self.aattach_messages(user_msg, chat_history))
 
     # ------------------------------------------------------------ running a tool
 
