@@ -40,6 +40,7 @@ from .render import annotate, annotate_png
 from .policy import ImagePolicy
 from .result_cache import CachedBackend, ResultCache
 from .image_store import ImageStore
+from .backend_config import BackendConfig
 from .tools import (
     AttachedImage,
     DEFAULT_MAX_OBJECTS,
@@ -100,6 +101,7 @@ __all__ = [
     "VisionTools",
     "ResultCache",
     "ImageStore",
+    "BackendConfig",
     "AttachedImage",
     "CachedBackend",
     "ImagePolicy",

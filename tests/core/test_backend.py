@@ -311,7 +311,7 @@ def test_no_type_ignore_attr_defined_on_errors() -> None:
 def test_public_surface() -> None:
     expected = {
         "__version__", "VisionBackend", "SKILLS", "CaptionLength", "SamplingSettings", "SpatialRef",
-        "AsyncMoondream", "DEFAULT_BASE_URL", "Stream", "Timeout", "run_sync", "iterate_sync", "ResultCache", "CachedBackend", "ImageStore", "AttachedImage",
+        "AsyncMoondream", "DEFAULT_BASE_URL", "Stream", "Timeout", "run_sync", "iterate_sync", "ResultCache", "CachedBackend", "ImageStore", "AttachedImage", "BackendConfig",
         "FalMoondream", "FalSam3", "AIGatewaySegmenter", "Usage", "InsufficientCreditsError",
         "ImageInput", "ImageSettings", "PreparedImage",
         "VisionTools", "ImagePolicy", "TOOL_SPECS", "DEFAULT_MAX_OBJECTS", "ToolSpec", "ToolResult",
