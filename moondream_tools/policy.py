@@ -112,7 +112,7 @@ class ImagePolicy:
     """Which image references the tools accept from an agent, and how big they may be.
 
     Args:
-        allowed_dirs: directories whose files (after resolving symlinks and ``..``) the
+        allowed_dirs: directories (``~`` expanded) whose files (after resolving symlinks and ``..``) the
             tools may read. Default: none; only registered handles work.
         allow_urls: whether ``http(s)`` URLs may be fetched. Default: off.
         allowed_hosts: when URLs are on, the only hosts allowed (None: any host with a
@@ -142,7 +142,7 @@ class ImagePolicy:
     def __post_init__(self) -> None:
         if isinstance(self.allowed_dirs, (str, os.PathLike)):
             raise TypeError("allowed_dirs must be a list of directories, not a single path")
-        roots = tuple(Path(os.path.realpath(os.fspath(d))) for d in self.allowed_dirs)
+        roots = tuple(Path(os.path.realpath(os.path.expanduser(os.fspath(d)))) for d in self.allowed_dirs)
         object.__setattr__(self, "allowed_dirs", tuple(str(r) for r in roots))
         object.__setattr__(self, "_roots", roots)
         if self.allowed_hosts is not None:

@@ -15,6 +15,7 @@ import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -319,3 +320,9 @@ async def test_frame_limit(client: AsyncMoondream) -> None:
     with pytest.raises(ImageError, match="5 frames, over the limit of 3"):
         await client.prepare(buffer.getvalue(), settings=ImageSettings(max_frames=3))
     assert (await client.prepare(buffer.getvalue())).width == 8
+
+
+def test_allowed_dirs_expand_the_home_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "Pictures").mkdir()
+    assert ImagePolicy(allowed_dirs=["~/Pictures"]).allowed_dirs == (str((tmp_path / "Pictures").resolve()),)
