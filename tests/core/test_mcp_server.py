@@ -480,6 +480,8 @@ async def test_stdio_console_command(threaded_fake: FakeMoondream, tmp_path: Pat
             # A data URI: allowed under every policy, whatever options the command has.
             small = Scene(160, 120, [Shape("circle", "red", (40, 60), 30), Shape("circle", "red", (120, 60), 30)])
             await _list_and_count(client, small.data_url())
+    stderr = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in stderr and "Unclosed" not in stderr, stderr
 
 
 def _free_port() -> int:

@@ -1,0 +1,385 @@
+"""The ``moondream-tools`` commands (click)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .._version import __version__
+from .exports import EXPORTS, ExportSpec
+from .inputs import collect_inputs, describe_search
+
+__all__ = ["cli"]
+
+_DEFAULT_MAX_OBJECTS = 250  # VisionTools' DEFAULT_MAX_OBJECTS (not imported: it pulls in the tools)
+_DEFAULT_MAX_TILES = 16  # moondream_tools.tiling.DEFAULT_MAX_TILES
+
+
+def _error(message: str, status: int = 2) -> None:
+    """A user error: one line on stderr, then exit (never a traceback)."""
+    click.echo(f"moondream-tools: error: {message}", err=True)
+    sys.exit(status)
+
+
+# ---------------------------------------------------------------- option types
+
+
+class Tiles(click.ParamType):
+    """``auto``, ``always``, ``never`` or a ``RxC`` grid (rows x columns, e.g. ``3x4``)."""
+
+    name = "auto|always|never|RxC"
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str:
+        return "auto|always|never|RxC"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip().lower()
+        if text in ("auto", "always", "never"):
+            return text
+        match = re.fullmatch(r"(\d+)\s*[x*]\s*(\d+)", text)
+        if match:
+            rows, cols = int(match.group(1)), int(match.group(2))
+            if rows >= 1 and cols >= 1:
+                return (rows, cols)
+        self.fail(f"{value!r} is not auto, always, never or a grid like 3x4 (rows x columns)", param, ctx)
+
+
+def _tiles_text(tiling: Any) -> str:
+    return f"{tiling[0]}x{tiling[1]}" if isinstance(tiling, tuple) else str(tiling)
+
+
+def _max_tiles(tiling: Any, max_tiles: int) -> int:
+    return max(max_tiles, tiling[0] * tiling[1]) if isinstance(tiling, tuple) else max_tiles
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def _backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--backend", type=click.Choice(["moondream", "fal"]), default="moondream", show_default=True,
+                     help="Moondream's API (Cloud, Station or any server speaking it) or Moondream 3 on fal.ai."),
+        click.option("--base-url", metavar="URL",
+                     help="The server (default: MOONDREAM_BASE_URL, else the backend's own)."),
+        click.option("--model", help="The model to ask (Moondream servers; e.g. a finetune)."),
+        click.option("--api-key-env", metavar="NAME",
+                     help="The environment variable holding the key (default MOONDREAM_API_KEY / FAL_KEY)."),
+        click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Requests (and inputs) in flight at once."),
+        click.option("--rps", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="At most this many requests per second."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Seconds per request (default: the backend's)."),
+        click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Retries of a failed request."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--glob", "glob_pattern", metavar="PATTERN",
+                     help="Which files of a directory: '*.png' matches names at any depth, 'sub/*.jpg' from the"
+                          " directory (default: every image extension)."),
+        click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                     help="Append one JSON record per input to FILE; a rerun skips inputs already in it."),
+        click.option("--retry-failed", is_flag=True, help="Redo the inputs whose last record in --jsonl is an error."),
+        click.option("--annotate", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Write each image with its results drawn on it to DIR."),
+        click.option("--coco", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                     help="Write the boxes (and masks) as a COCO detection JSON file."),
+        click.option("--yolo", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Write a YOLO dataset (images/, labels/, data.yaml) to DIR."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (failures are still listed)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _tile_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--tiles", "tiling", type=Tiles(), default="auto", show_default=True,
+                     help="Large images: 'auto' tiles those the model would shrink more than 4x; or always, never,"
+                          " or a grid RxC such as 3x4."),
+        click.option("--max-tiles", type=click.IntRange(min=1), default=_DEFAULT_MAX_TILES, show_default=True,
+                     help="The most tiles (requests) per image."),
+        click.option("--max-objects", type=click.IntRange(min=1), default=_DEFAULT_MAX_OBJECTS, show_default=True,
+                     help="The most objects asked for per request (tile)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+_INPUTS = click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+
+
+# ---------------------------------------------------------------- building and running
+
+
+def _backend(options: dict[str, Any]) -> Any:
+    """The backend the options describe (a missing key: one line, exit 2)."""
+    from pydantic import ValidationError
+
+    from ..backend_config import BackendConfig
+    from ..errors import ConfigurationError
+
+    try:
+        config = BackendConfig(
+            backend=options["backend"], base_url=options["base_url"], model=options["model"],
+            api_key_env=options["api_key_env"], max_concurrency=options["concurrency"],
+            requests_per_second=options["rps"], timeout=options["timeout"], max_retries=options["max_retries"],
+        )
+        return config.build()
+    except ConfigurationError as exc:  # the library's advice, less its Python-only part
+        _error(re.sub(r" or pass \w+\(api_key=\.\.\.\)", "", str(exc)))
+    except ValidationError as exc:
+        _error("; ".join(str(e["msg"]) for e in exc.errors(include_url=False)))
+
+
+def _sources(inputs: tuple[str, ...], glob: str | None) -> list[str]:
+    try:
+        sources, empty = collect_inputs(inputs, glob=glob, stdin=sys.stdin)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not sources:
+        where = ", ".join(empty) or ", ".join(inputs)
+        _error(f"no images found in {where} (searched for {describe_search(glob)})")
+    for directory in empty:
+        click.echo(f"moondream-tools: no images found in {directory}", err=True)
+    return sources
+
+
+def _check_exports(skill: str, options: dict[str, Any]) -> ExportSpec:
+    spec = ExportSpec(annotate=options["annotate"], coco=options["coco"], yolo=options["yolo"])
+    for name in ("annotate", "coco", "yolo"):
+        if options[name] is not None and skill not in EXPORTS[name]:
+            allowed = ", ".join(sorted(EXPORTS[name]))
+            raise click.UsageError(f"--{name} is for {allowed}, not {skill}")
+    if options["retry_failed"] and options["jsonl"] is None:
+        raise click.UsageError("--retry-failed needs --jsonl FILE (the records to retry)")
+    return spec
+
+
+def _run(command: str, options: dict[str, Any], *, arguments: dict[str, Any], categories: list[str],
+         asked: Any = None, index: Any = None, description: str) -> None:
+    from .runner import Job, execute
+
+    skill = "index" if asked is None else asked.skill
+    spec = _check_exports(skill, options)
+    sources = _sources(options["inputs"], options["glob_pattern"])
+    backend = _backend(options)
+    if options["model"] is not None:
+        arguments = {**arguments, "model": options["model"]}
+    jsonl: Path | None = options["jsonl"]
+    stdout_tty = sys.stdout.isatty()
+    job = Job(
+        command=command, arguments=arguments, sources=sources, backend=backend, concurrency=options["concurrency"],
+        asked=asked, index=index, jsonl=jsonl, retry_failed=options["retry_failed"],
+        records_to_stdout=jsonl is None and not stdout_tty, table=jsonl is None and stdout_tty,
+        progress=sys.stderr.isatty(), quiet=options["quiet"], exports=spec, categories=categories,
+        description=description,
+    )
+    try:
+        status = asyncio.run(execute(job))
+    except KeyboardInterrupt:  # only before the run's own handlers are in place
+        status = 130
+    sys.exit(status)
+
+
+def _command(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Collect every option into one dict for the command body."""
+
+    @functools.wraps(f)
+    def wrapper(**options: Any) -> None:
+        f(options)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="moondream-tools")
+def cli() -> None:
+    """Moondream vision skills over files, folders and URLs, as JSON Lines.
+
+    \b
+    The backend comes from the environment as in the library: MOONDREAM_API_KEY
+    (Moondream Cloud) or MOONDREAM_BASE_URL (e.g. a Moondream Station at
+    http://localhost:2020/v1); --backend fal reads FAL_KEY. Keys are never options.
+
+    \b
+    INPUT: image files, directories (searched recursively), http(s) URLs, or '-'
+    for paths read from stdin, one per line.
+    """
+
+
+@cli.command()
+@click.option("--length", type=click.Choice(["short", "normal", "long"]), default="normal", show_default=True)
+@_INPUTS
+@_run_options
+@_backend_options
+@_command
+def caption(options: dict[str, Any]) -> None:
+    """Describe each image."""
+    from .skills import Asked
+
+    length = options["length"]
+    _run("caption", options, arguments={"length": length}, categories=[],
+         asked=Asked("caption", length=length), description=f"moondream-tools caption --length {length}")
+
+
+@cli.command()
+@click.argument("question")
+@_INPUTS
+@_run_options
+@_backend_options
+@_command
+def query(options: dict[str, Any]) -> None:
+    """Answer QUESTION about each image."""
+    from .skills import Asked
+
+    question = options["question"]
+    if not question.strip():
+        raise click.BadParameter("the question is empty", param_hint="QUESTION")
+    _run("query", options, arguments={"question": question}, categories=[],
+         asked=Asked("query", question=question), description=f"moondream-tools query {question!r}")
+
+
+def _object_command(skill: str, doc: str, tiles: bool) -> None:
+    def body(options: dict[str, Any]) -> None:
+        from .skills import Asked
+
+        phrase = options["object"]
+        if not phrase.strip():
+            raise click.BadParameter("the object phrase is empty", param_hint="OBJECT")
+        if tiles:
+            tiling, max_tiles = options["tiling"], _max_tiles(options["tiling"], options["max_tiles"])
+            arguments = {"object": phrase, "tiles": _tiles_text(tiling), "max_tiles": max_tiles,
+                         "max_objects": options["max_objects"]}
+            asked = Asked(skill, object=phrase, tiling=tiling, max_tiles=max_tiles,  # type: ignore[arg-type]
+                          max_objects=options["max_objects"])
+        else:
+            arguments, asked = {"object": phrase}, Asked(skill, object=phrase)  # type: ignore[arg-type]
+        _run(skill, options, arguments=arguments, categories=[phrase], asked=asked,
+             description=f"moondream-tools {skill} {phrase!r}")
+
+    body.__doc__ = doc
+    body.__name__ = skill
+    command = _command(body)
+    command = _backend_options(command)
+    command = _run_options(command)
+    if tiles:
+        command = _tile_options(command)
+    command = _INPUTS(command)
+    command = click.argument("object")(command)
+    cli.command(name=skill)(command)
+
+
+_object_command("detect", "Boxes of every OBJECT in each image (phrase first, then inputs, like grep).", True)
+_object_command("point", "A point on every OBJECT in each image.", True)
+_object_command("count", "How many OBJECTs each image holds (counted with points; large images tiled).", True)
+_object_command("segment", "The mask of OBJECT in each image.", False)
+
+
+@cli.command()
+@click.option("--question", "questions", multiple=True, metavar="TEXT", help="A question asked of every image (repeatable).")
+@click.option("--ocr", is_flag=True, help="Transcribe the text in each image.")
+@click.option("--detect", "detect", multiple=True, metavar="OBJECT", help="Count and box OBJECT (repeatable).")
+@click.option("--caption-length", type=click.Choice(["short", "normal", "long"]), default="normal", show_default=True)
+@click.option("--no-caption", is_flag=True, help="Do not caption.")
+@_tile_options
+@_INPUTS
+@_run_options
+@_backend_options
+@_command
+def index(options: dict[str, Any]) -> None:
+    """Index images for retrieval: caption, answers, text and objects per image."""
+    from .runner import IndexOptions
+
+    questions = tuple(dict.fromkeys(q for q in options["questions"]))
+    detect = tuple(dict.fromkeys(options["detect"]))
+    if any(not q.strip() for q in questions) or any(not d.strip() for d in detect):
+        raise click.UsageError("--question and --detect take non-empty text")
+    if options["no_caption"] and not (questions or detect or options["ocr"]):
+        raise click.UsageError("nothing to index: --no-caption without --question, --ocr or --detect")
+    if not detect and any(options[name] is not None for name in ("annotate", "coco", "yolo")):
+        raise click.UsageError("--annotate, --coco and --yolo draw the --detect phrases: give at least one --detect")
+    tiling, max_tiles = options["tiling"], _max_tiles(options["tiling"], options["max_tiles"])
+    caption_length = None if options["no_caption"] else options["caption_length"]
+    arguments = {
+        "caption": caption_length, "questions": list(questions), "ocr": options["ocr"], "detect": list(detect),
+        "tiles": _tiles_text(tiling), "max_tiles": max_tiles, "max_objects": options["max_objects"],
+    }
+    spec = IndexOptions(
+        caption=caption_length is not None, caption_length=options["caption_length"], questions=questions,
+        ocr=options["ocr"], detect=detect, tiling=tiling, max_tiles=max_tiles, max_objects=options["max_objects"],
+    )
+    _run("index", options, arguments=arguments, categories=list(detect), index=spec,
+         description="moondream-tools index")
+
+
+@cli.command()
+@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              metavar="DIR", help="A directory whose images the agent may name by path (repeatable).")
+@click.option("--allow-urls", is_flag=True, help="Let the agent name public http(s) image URLs.")
+@click.option("--return-images", is_flag=True, help="Return annotated images with the tools' results.")
+@click.option("--image-store", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Keep the images the agent sends in DIR (handles survive restarts).")
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (http).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port (http).")
+@_backend_options
+@_command
+def mcp(options: dict[str, Any]) -> None:
+    """Serve the vision tools to an agent over MCP (Model Context Protocol)."""
+    import importlib
+
+    try:
+        importlib.import_module("mcp")
+    except ImportError:
+        _error('the mcp command needs the MCP SDK: pip install "moondream-tools[mcp]"')
+    try:
+        from ..mcp_server import run_server
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] == "mcp":
+            _error(f'the mcp command needs the MCP SDK ({exc}): pip install "moondream-tools[mcp]"')
+        if exc.name == "moondream_tools.mcp_server":
+            _error("this installation of moondream-tools has no MCP server (moondream_tools.mcp_server)")
+        raise
+    from ..errors import ConfigurationError
+    from ..image_store import ImageStore
+    from ..policy import ImagePolicy
+    from ..tools import VisionTools
+
+    backend = _backend(options)
+    try:
+        store = ImageStore(options["image_store"]) if options["image_store"] is not None else None
+    except ConfigurationError as exc:
+        _error(str(exc))
+    policy = ImagePolicy(allowed_dirs=list(options["allow_dirs"]), allow_urls=options["allow_urls"])
+    vision = VisionTools(backend, image_policy=policy, image_store=store, return_images=options["return_images"])
+    try:
+        run_server(
+            vision, transport=options["transport"], host=options["host"], port=options["port"],
+            return_images=options["return_images"],
+        )
+    finally:
+        # The tools close only a backend they built; this one is the command's.
+        asyncio.run(backend.aclose())
+        if store is not None:
+            store.close()
