@@ -6,7 +6,8 @@ format (``/v1/caption``, ``/query``, ``/detect``, ``/point``, ``/segment``,
 actually sees in the received image, records every request and can inject
 faults (HTTP errors, Moondream Station style 200 errors, malformed JSON,
 hangs, dropped connections). The same server also speaks fal.ai (sync and queue)
-and AIgateway over the same engine: see :mod:`moondream_tools.testing.providers`.
+and AIgateway over the same engine: see :mod:`moondream_tools.testing.providers`, and
+Moondream Cloud's Batch API (``/v1/batch``): see :mod:`moondream_tools.testing.batch`.
 
 >>> async with FakeMoondream() as fake:                     # doctest: +SKIP
 ...     # point any client at fake.base_url with fake.api_key
@@ -45,7 +46,7 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from . import engine, providers
+from . import batch, engine, providers
 from . import text as text_reader
 from .engine import Found
 
@@ -366,7 +367,7 @@ def _see(url: Any) -> tuple[Image.Image, list[Found]]:
     return img, found
 
 
-class FakeMoondream(providers.ProvidersMixin):
+class FakeMoondream(providers.ProvidersMixin, batch.BatchMixin):
     """Offline Moondream API on ``http://127.0.0.1:<port>/v1``.
 
     ``api_key`` None accepts any caller (like Moondream Station). ``latency``
@@ -378,7 +379,8 @@ class FakeMoondream(providers.ProvidersMixin):
     requests per second (a token bucket of that size, like a rate-limited cloud);
     ``rate_limited`` counts those answers. Every injector takes ``route`` (a path prefix
     such as ``"/fal-queue"`` or ``"/v1/detect"``): only requests under it consume that fault.
-    fal.ai / AIgateway attributes (``fal_key``, ``fal_base_url``, ...): see ``ProvidersMixin``.
+    fal.ai / AIgateway attributes (``fal_key``, ``fal_base_url``, ...): see ``ProvidersMixin``;
+    the Batch API's (``batches``, ``batch_polls_to_complete``, ...): see ``BatchMixin``.
     """
 
     def __init__(
@@ -395,6 +397,7 @@ class FakeMoondream(providers.ProvidersMixin):
     ) -> None:
         self.api_key = api_key
         self._init_providers(fal_key, aigateway_key)  # ``...`` = a random key
+        self._init_batch()
         self.rate_limit = rate_limit
         self.rate_limited = 0
         self.in_flight = 0
@@ -440,6 +443,7 @@ class FakeMoondream(providers.ProvidersMixin):
         app.router.add_post("/v1/chat/completions", self._h_chat)
         app.router.add_get("/v1/models", self._h_models)
         providers.install(self, app)
+        batch.install(self, app)
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -510,14 +514,16 @@ class FakeMoondream(providers.ProvidersMixin):
         self._add(_Fault("drop", count, after_events=after_events, route=route))
 
     def reset(self) -> None:
-        """Clear pending faults (fal queue faults too), recorded requests and ``fal_cancelled``."""
+        """Clear pending faults (fal queue and batch faults too), recorded requests and
+        ``fal_cancelled``; restore the batch knobs (batches and uploads are kept)."""
         self._faults.clear()
         self.requests.clear()
         self._reset_providers()
+        self._reset_batch()
 
     @property
     def pending_faults(self) -> int:
-        return sum(f.remaining for f in self._faults) + self._pending_provider_faults()
+        return sum(f.remaining for f in self._faults) + self._pending_provider_faults() + self._pending_batch_faults()
 
     def _add(self, fault: _Fault) -> None:
         if fault.remaining < 1:
@@ -556,9 +562,12 @@ class FakeMoondream(providers.ProvidersMixin):
                 self.in_flight -= 1
 
         async def answer(request: web.Request, handler):
+            raw_upload = batch.is_part_upload(request)  # raw bytes, maybe large: never parsed
+            if raw_upload:
+                request = request.clone(client_max_size=batch.read_limit(self))
             body = await request.read()
             parsed: Any = None
-            if body:
+            if body and not raw_upload:
                 try:
                     parsed = json.loads(body)
                 except ValueError:
