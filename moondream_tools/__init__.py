@@ -15,6 +15,7 @@ from ._transport import Timeout, iterate_sync, run_sync
 from ._version import __version__
 from .backend import SKILLS, CaptionLength, SamplingSettings, SpatialRef, VisionBackend
 from .client import DEFAULT_BASE_URL, AsyncMoondream
+from .batch import BatchInfo, BatchProgress, BatchResult, MoondreamBatch
 from .providers import AIGatewaySegmenter, FalMoondream, FalSam3
 from .errors import (
     APIConnectionError,
@@ -34,6 +35,10 @@ from .errors import (
     ToolArgumentsError,
     ImageAccessError,
     UnsupportedSkillError,
+    BatchError,
+    BatchExpiredError,
+    BatchFailedError,
+    BatchItemError,
 )
 from .images import ImageInput, ImageSettings, PreparedImage
 from .render import annotate, annotate_png
@@ -93,6 +98,11 @@ __all__ = [
     "Timeout",
     "iterate_sync",
     "run_sync",
+    # the Batch API
+    "MoondreamBatch",
+    "BatchResult",
+    "BatchProgress",
+    "BatchInfo",
     # images
     "ImageInput",
     "ImageSettings",
@@ -155,4 +165,8 @@ __all__ = [
     "ResponseError",
     "UnsupportedSkillError",
     "ToolArgumentsError",
+    "BatchError",
+    "BatchFailedError",
+    "BatchExpiredError",
+    "BatchItemError",
 ]

@@ -22,7 +22,11 @@ real bugs propagate. No message, repr or attribute ever contains the API key.
     │   └── ImageAccessError      an image reference the ImagePolicy does not allow, or an unknown handle
     ├── ResponseError             the server's answer is malformed or unexpected
     ├── UnsupportedSkillError     the backend has no such skill (e.g. captioning on a SAM 3 backend)
-    └── ToolArgumentsError        a model wrote invalid arguments for a vision tool
+    ├── ToolArgumentsError        a model wrote invalid arguments for a vision tool
+    ├── BatchError                a Batch API job cannot go on (``code`` says why)
+    │   ├── BatchFailedError      the service reports the batch failed (its error code)
+    │   └── BatchExpiredError     the batch's results are past their 7-day retention
+    └── BatchItemError            one line of a batch failed (carried by its BatchResult)
 
 Example::
 
@@ -61,6 +65,10 @@ __all__ = [
     "ResponseError",
     "UnsupportedSkillError",
     "ToolArgumentsError",
+    "BatchError",
+    "BatchFailedError",
+    "BatchExpiredError",
+    "BatchItemError",
 ]
 
 
@@ -230,3 +238,73 @@ class ToolArgumentsError(MoondreamError):
             for err in error.errors(include_url=False)[:5]
         )
         return cls(f"invalid arguments for {tool}: {problems}")
+
+
+class BatchError(MoondreamError):
+    """A Batch API job (:class:`~moondream_tools.MoondreamBatch`) cannot go on.
+
+    Attributes:
+        code: why, as a short word: the service's batch-level code for a failed batch
+            (``invalid_model``, ``validation_error``, ``limit_exceeded``, ``empty_batch``,
+            ``processing_failed``, ``timeout``), ``expired``, or one of the job's own:
+            ``not_ready`` (results asked for before the batch finished), ``not_submitted``,
+            ``submit_unknown`` (a completion was sent but its answer was lost),
+            ``download_failed``, ``job_busy`` (another job object holds the directory).
+        batch_id: the service's batch id, when there is one.
+    """
+
+    def __init__(self, message: str, *, code: str, batch_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.batch_id = batch_id
+
+
+class BatchFailedError(BatchError):
+    """The service reports the batch failed as a whole; ``code`` is its error code
+    (``processing_failed``, ``validation_error``, ...) or ``failed`` when it gave none."""
+
+
+class BatchExpiredError(BatchError):
+    """The batch's results are gone: the Batch API keeps them 7 days after completion.
+
+    Attributes:
+        expires_at: when they expired (ISO 8601, as the service said), when known.
+
+    Results downloaded before that are kept in the job directory; the rest can only be had
+    by submitting the requests again (a new job directory).
+    """
+
+    def __init__(self, message: str, *, batch_id: str | None = None, expires_at: str | None = None) -> None:
+        super().__init__(message, code="expired", batch_id=batch_id)
+        self.expires_at = expires_at
+
+
+class BatchItemError(MoondreamError):
+    """One request of a batch failed; the rest of the batch is unaffected.
+
+    It is carried by the item's :class:`~moondream_tools.BatchResult` (``error``), not raised
+    by the job; ``BatchResult.unwrap()`` raises it.
+
+    Attributes:
+        code: the service's per-line code (``invalid_request``, ``image_decode_failed``,
+            ``unknown_skill``, ``processing_error``) or the job's own: ``image_error`` (the
+            image could not be read here, so it was never sent), ``line_too_large``,
+            ``invalid_result`` (the service's result did not match the API), ``missing_result``
+            (the batch finished without a result line for it).
+        id: the request's id; line_index: its line in the uploaded file; batch_id: its batch.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        id: str | None = None,
+        line_index: int | None = None,
+        batch_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.id = id
+        self.line_index = line_index
+        self.batch_id = batch_id

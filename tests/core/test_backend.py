@@ -332,6 +332,8 @@ def test_public_surface() -> None:
         "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError", "RateLimitError",
         "InternalServerError", "ImageError", "ImageAccessError", "ResponseError", "UnsupportedSkillError",
         "ToolArgumentsError",
+        "MoondreamBatch", "BatchResult", "BatchProgress", "BatchInfo",
+        "BatchError", "BatchFailedError", "BatchExpiredError", "BatchItemError",
     }
     assert set(moondream_tools.__all__) == expected
     assert len(moondream_tools.__all__) == len(expected), "no name twice"
