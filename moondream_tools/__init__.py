@@ -10,6 +10,8 @@ Example::
         print(caption.caption, [b for b in boxes.to_pixels()])
 """
 
+import logging as _logging
+
 from ._streaming import Stream
 from ._transport import Timeout, iterate_sync, run_sync
 from ._version import __version__
@@ -170,3 +172,6 @@ __all__ = [
     "BatchExpiredError",
     "BatchItemError",
 ]
+
+# A library logs, the application decides where it goes (nothing on stderr by default).
+_logging.getLogger("moondream_tools").addHandler(_logging.NullHandler())

@@ -2,7 +2,10 @@
 
 ``moondream-tools detect car photos/ --jsonl cars.jsonl`` writes one JSON record per image
 (normalized and pixel coordinates), resumes where a killed run stopped, and can export
-annotated images, COCO and YOLO. ``moondream-tools mcp`` serves the vision tools over MCP.
+annotated images, COCO and YOLO. ``--batch-api`` sends caption / query / detect / point /
+count through Moondream's Batch API at half the price and writes the same records
+(:mod:`.batch_api`; ``moondream-tools batch status|fetch JOB`` for ``--no-wait`` jobs).
+``moondream-tools mcp`` serves the vision tools over MCP.
 Needs the ``cli`` extra: ``pip install "moondream-tools[cli]"``.
 """
 

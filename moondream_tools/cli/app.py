@@ -108,6 +108,29 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--batch-api", is_flag=True,
+                     help="Send the inputs as a Moondream Cloud Batch API job (half the price, results within"
+                          " hours) and write the same records; needs --jsonl FILE (the job is kept in FILE.batch/)."),
+        click.option("--no-wait", is_flag=True,
+                     help="With --batch-api: submit, print the job directory and exit; 'moondream-tools batch"
+                          " fetch JOB' writes the records once it is done."),
+        click.option("--poll-interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                     metavar="SECONDS",
+                     help="With --batch-api: the first wait between status polls (each wait 1.5x the last, up to 30 s)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _given(name: str) -> bool:
+    """Whether the option was given (on the command line or by an environment variable)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+
 def _tile_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--tiles", "tiling", type=Tiles(), default="auto", show_default=True,
@@ -178,6 +201,12 @@ def _run(command: str, options: dict[str, Any], *, arguments: dict[str, Any], ca
     from .runner import Job, execute
 
     skill = "index" if asked is None else asked.skill
+    if options.get("batch_api"):
+        _run_batch(command, options, asked=asked, categories=categories, description=description)
+        return
+    for name in ("no_wait", "poll_interval"):
+        if name in options and _given(name):
+            raise click.UsageError(f"--{name.replace('_', '-')} is for --batch-api")
     spec = _check_exports(skill, options)
     sources = _sources(options["inputs"], options["glob_pattern"])
     backend = _backend(options)
@@ -194,6 +223,65 @@ def _run(command: str, options: dict[str, Any], *, arguments: dict[str, Any], ca
     )
     try:
         status = asyncio.run(execute(job))
+    except KeyboardInterrupt:  # only before the run's own handlers are in place
+        status = 130
+    sys.exit(status)
+
+
+def _run_batch(command: str, options: dict[str, Any], *, asked: Any, categories: list[str], description: str) -> None:
+    """A skill command with --batch-api (see moondream_tools.cli.batch_api)."""
+    skill = asked.skill
+    if skill == "segment":
+        raise click.UsageError(
+            "the Batch API has no segment (only caption, query, detect, point and count): run segment without"
+            " --batch-api"
+        )
+    if options["backend"] != "moondream":
+        raise click.UsageError("--batch-api is Moondream Cloud's Batch API: not with --backend fal")
+    if options["jsonl"] is None:
+        raise click.UsageError("--batch-api needs --jsonl FILE (the records; the job is kept in FILE.batch/)")
+    if skill in ("detect", "point", "count"):
+        if options["tiling"] not in ("auto", "never"):
+            raise click.UsageError(
+                f"--tiles {_tiles_text(options['tiling'])} is not for --batch-api: the Batch API gets each image"
+                " whole (as --tiles never); run without --batch-api to tile"
+            )
+        for name in ("max_tiles", "max_objects"):
+            if _given(name):
+                raise click.UsageError(
+                    f"--{name.replace('_', '-')} is not for --batch-api: the Batch API gets each image whole and"
+                    " takes no object limit"
+                )
+    spec = _check_exports(skill, options)
+    if options["no_wait"] and spec.any:
+        raise click.UsageError(
+            "--annotate, --coco and --yolo need the results: without --no-wait, or rerun the command once"
+            " 'moondream-tools batch fetch' has written them"
+        )
+    from .batch_api import BatchCommand, execute_batch
+
+    sources = _sources(options["inputs"], options["glob_pattern"])
+    client = _backend(options)
+    if skill == "caption":
+        arguments: dict[str, Any] = {"length": asked.length}
+        fields: dict[str, Any] = {"length": asked.length}
+    elif skill == "query":
+        arguments, fields = {"question": asked.question}, {"question": asked.question}
+    else:
+        arguments, fields = {"object": asked.object}, {"object": asked.object}
+    arguments["batch"] = True
+    if options["model"] is not None:
+        arguments["model"] = options["model"]
+    job = BatchCommand(
+        command=command, skill=skill, arguments=arguments, fields=fields, sources=sources, client=client,
+        jsonl=options["jsonl"], retry_failed=options["retry_failed"], concurrency=options["concurrency"],
+        poll_interval=options["poll_interval"], wait=not options["no_wait"], progress=sys.stderr.isatty(),
+        quiet=options["quiet"], exports=spec, categories=categories, description=description,
+        tiling_note=skill in ("detect", "point", "count") and options["tiling"] == "auto",
+        max_tiles=options.get("max_tiles") or _DEFAULT_MAX_TILES,
+    )
+    try:
+        status = asyncio.run(execute_batch(job))
     except KeyboardInterrupt:  # only before the run's own handlers are in place
         status = 130
     sys.exit(status)
@@ -232,6 +320,7 @@ def cli() -> None:
 @click.option("--length", type=click.Choice(["short", "normal", "long"]), default="normal", show_default=True)
 @_INPUTS
 @_run_options
+@_batch_options
 @_backend_options
 @_command
 def caption(options: dict[str, Any]) -> None:
@@ -247,6 +336,7 @@ def caption(options: dict[str, Any]) -> None:
 @click.argument("question")
 @_INPUTS
 @_run_options
+@_batch_options
 @_backend_options
 @_command
 def query(options: dict[str, Any]) -> None:
@@ -282,6 +372,7 @@ def _object_command(skill: str, doc: str, tiles: bool) -> None:
     body.__name__ = skill
     command = _command(body)
     command = _backend_options(command)
+    command = _batch_options(command)
     command = _run_options(command)
     if tiles:
         command = _tile_options(command)
@@ -383,3 +474,93 @@ def mcp(options: dict[str, Any]) -> None:
         asyncio.run(backend.aclose())
         if store is not None:
             store.close()
+
+
+# ---------------------------------------------------------------- batch jobs
+
+
+def _job_backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--base-url", metavar="URL", help="The server (default: the one the job was submitted to)."),
+        click.option("--api-key-env", metavar="NAME",
+                     help="The environment variable holding the key (default MOONDREAM_API_KEY)."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Seconds per request (default: the client's)."),
+        click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Retries of a failed request."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _job_client_factory(options: dict[str, Any]) -> Callable[[str | None], Any]:
+    """Builds the client of a job: ``--base-url``, else the server the job was submitted to."""
+
+    def make(recorded_url: str | None) -> Any:
+        return _backend({
+            "backend": "moondream", "base_url": options["base_url"] or recorded_url, "model": None,
+            "api_key_env": options["api_key_env"], "concurrency": 8, "rps": None, "timeout": options["timeout"],
+            "max_retries": options["max_retries"],
+        })
+
+    return make
+
+
+def _job_paths(jobs: tuple[Path, ...]) -> list[Path]:
+    from ..errors import ConfigurationError
+    from .batch_api import resolve_jobs
+
+    paths: list[Path] = []
+    for job in jobs:
+        try:
+            paths.extend(p for p in resolve_jobs(job) if p not in paths)
+        except ConfigurationError as exc:
+            _error(str(exc))
+    return paths
+
+
+_JOBS = click.argument("jobs", nargs=-1, required=True, metavar="JOB...",
+                       type=click.Path(exists=True, file_okay=False, path_type=Path))
+
+
+@cli.group()
+def batch() -> None:
+    """Batch API jobs of --batch-api commands: status and fetch.
+
+    \b
+    JOB: a job directory (printed by --no-wait, e.g. captions.jsonl.batch/0001-caption),
+    or FILE.batch for every job of the records file FILE.
+    """
+
+
+@batch.command(name="status")
+@_JOBS
+@_job_backend_options
+@_command
+def batch_status(options: dict[str, Any]) -> None:
+    """Poll each JOB once and print where it stands (never writes records)."""
+    from .batch_api import status_jobs
+
+    paths = _job_paths(options["jobs"])
+    sys.exit(asyncio.run(status_jobs(paths, _job_client_factory(options))))
+
+
+@batch.command(name="fetch")
+@_JOBS
+@click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Append the records to FILE (default: the --jsonl of the command that made the job).")
+@click.option("--quiet", "-q", is_flag=True, help="No summary (failures are still listed).")
+@_job_backend_options
+@_command
+def batch_fetch(options: dict[str, Any]) -> None:
+    """Write the records of each finished JOB (never waits: exit 1 when one is not finished,
+    failed or expired). Records already in the file are not written again."""
+    from .batch_api import fetch_jobs
+
+    paths = _job_paths(options["jobs"])
+    if len(paths) > 1:  # FILE.batch: the jobs not fetched yet
+        from .batch_api import load_job
+
+        paths = [p for p in paths if not load_job(p).written] or paths[-1:]
+    sys.exit(asyncio.run(fetch_jobs(paths, options["jsonl"], _job_client_factory(options), quiet=options["quiet"])))

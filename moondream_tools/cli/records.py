@@ -77,9 +77,12 @@ class Loaded:
         lines: complete lines read.
         repaired: bytes of an unfinished last line that were cut off (0: none).
         bad_lines: line numbers that were not a record (left in place, ignored).
+        counts: how many records each key has in the file (``--batch-api`` uses it to tell
+            whether a batch job's record was written already).
     """
 
     records: dict[str, Record] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     lines: int = 0
     repaired: int = 0
     bad_lines: list[int] = field(default_factory=list)
@@ -115,6 +118,7 @@ def load_jsonl(path: Path, *, repair: bool = True) -> Loaded:
             loaded.bad_lines.append(number)
             continue
         loaded.lines += 1
+        loaded.counts[key] = loaded.counts.get(key, 0) + 1
         loaded.records.pop(key, None)  # the last one wins, and takes the last place
         loaded.records[key] = record
     return loaded

@@ -30,10 +30,10 @@ from ..images import ImageSettings
 from ..tiling import TilingMode
 from .exports import ExportSpec, run_exports
 from .progress import Bar, Stats, failures_text, print_table, summary_text
-from .records import FileBusyError, JsonlWriter, Record, dumps, load_jsonl, record_key
+from .records import FileBusyError, JsonlWriter, Loaded, Record, dumps, load_jsonl, record_key
 from .skills import Asked, RunState, index_record, message, run_one
 
-__all__ = ["IndexOptions", "Job", "execute"]
+__all__ = ["IndexOptions", "Job", "execute", "open_records"]
 
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
@@ -226,6 +226,28 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def open_records(path: Path, stats: Stats) -> tuple[JsonlWriter, Loaded] | None:
+    """Open the records file for appending (locked) and read it back, repairing an unfinished
+    last line; None (after one line on stderr) when it cannot be opened."""
+    try:
+        writer = JsonlWriter(path)
+    except OSError as exc:
+        text = str(exc) if isinstance(exc, FileBusyError) else f"cannot open {path}: {exc.strerror or exc}"
+        _say(f"moondream-tools: error: {text}")
+        return None
+    loaded = load_jsonl(path)
+    if loaded.repaired:
+        _say(
+            f"moondream-tools: {path} ended with an unfinished line ({loaded.repaired} bytes, from an"
+            " interrupted run); removed it"
+        )
+        stats.repaired = loaded.repaired
+    if loaded.bad_lines:
+        shown = ", ".join(map(str, loaded.bad_lines[:5])) + (" ..." if len(loaded.bad_lines) > 5 else "")
+        _say(f"moondream-tools: {path}: ignoring {len(loaded.bad_lines)} lines that are not records (line {shown})")
+    return writer, loaded
+
+
 async def execute(job: Job) -> int:
     """Run ``job``; returns the exit status (0, 1, 2, 130 or 143)."""
     start = time.perf_counter()
@@ -243,23 +265,11 @@ async def _execute(job: Job, stopper: _Stopper, start: float) -> int:
     final: dict[str, Record] = {}
     fresh: set[str] = set()
     if job.jsonl is not None:
-        try:
-            writer = JsonlWriter(job.jsonl)
-        except OSError as exc:
-            text = str(exc) if isinstance(exc, FileBusyError) else f"cannot open {job.jsonl}: {exc.strerror or exc}"
-            _say(f"moondream-tools: error: {text}")
+        opened = open_records(job.jsonl, stats)
+        if opened is None:
             await job.backend.aclose()
             return 2
-        loaded = load_jsonl(job.jsonl)
-        if loaded.repaired:
-            _say(
-                f"moondream-tools: {job.jsonl} ended with an unfinished line ({loaded.repaired} bytes, from an"
-                " interrupted run); removed it"
-            )
-            stats.repaired = loaded.repaired
-        if loaded.bad_lines:
-            shown = ", ".join(map(str, loaded.bad_lines[:5])) + (" ..." if len(loaded.bad_lines) > 5 else "")
-            _say(f"moondream-tools: {job.jsonl}: ignoring {len(loaded.bad_lines)} lines that are not records (line {shown})")
+        writer, loaded = opened
         wanted = {job.key(source) for source in job.sources}
         final = {key: record for key, record in loaded.records.items() if key in wanted}
     todo: list[str] = []
