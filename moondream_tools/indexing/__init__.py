@@ -12,6 +12,12 @@ Example::
         indexer = ImageIndexer(md, ocr=True, detect=["person"], cache=ResultCache(".cache"))
         for record in await indexer.index("photos/"):
             print(record.id[:12], record.source, record.text())
+
+The same records at half price through Moondream's Batch API (results within hours; run it
+again with the same ``job_dir`` to resume after a crash)::
+
+        records = await indexer.index_batch("photos/", job_dir="jobs/photos")
+        print(indexer.batch_cost())   # (batch_usd, standard_usd)
 """
 
 from .indexer import DEFAULT_OCR_PROMPT, ImageIndexer, IndexProgress

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -10,7 +11,7 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -19,11 +20,14 @@ from ..errors import ImageError, MoondreamError
 from ..images import ImageSettings, PreparedImage
 from ..images.sources import ReferenceKind, _load_source, reference_kind
 from ..result_cache import ResultCache, backend_identity, image_digest
-from ..results import Answer, Caption
+from ..results import Answer, Caption, Usage
 from ..tiling import DEFAULT_MAX_TILES, TiledDetections, TiledImage, TilingMode, plan_tiles
 from ..tiling.run import _peek
 from .records import FoundObjects, ImageRecord
 from .sources import IndexSource, expand_sources
+
+if TYPE_CHECKING:  # pragma: no cover - the batch package imports this one
+    from ..batch import BatchProgress
 
 __all__ = ["DEFAULT_OCR_PROMPT", "ImageIndexer", "IndexProgress"]
 
@@ -57,6 +61,7 @@ class _Call:
     part: str  # the record's error key
     skill: str
     arguments: dict[str, Any]
+    code: str = ""  # short and unique among the calls: "caption", "q0", "ocr", "d0" (batch line ids)
 
 
 class ImageIndexer:
@@ -80,6 +85,10 @@ class ImageIndexer:
     upright size, and it is prepared once (only if some call is not cached) for all its
     calls, which run concurrently. A failing image or call puts its message in
     ``record.errors`` and the run goes on; failed calls are never cached.
+
+    On Moondream Cloud, :meth:`index_batch` / :meth:`stream_batch` give the same records
+    through the Batch API (half price, results within hours, resumable from a ``job_dir``);
+    :attr:`batch_usage` and :meth:`batch_cost` then report what the job used.
 
     Example::
 
@@ -139,20 +148,21 @@ class ImageIndexer:
         self.on_progress = on_progress
         # Indexing never segments: no segmentation upload is encoded.
         self.image_settings = dataclasses.replace(backend.image_settings, segment_upload=False)
+        self._batch_usage: Usage | None = None
 
     def _calls(self) -> list[_Call]:
         calls = []
         if self.caption:
-            calls.append(_Call("caption", "caption", {"length": self.caption_length}))
-        calls += [_Call(f"question: {q}", "query", {"question": q}) for q in self.questions]
+            calls.append(_Call("caption", "caption", {"length": self.caption_length}, "caption"))
+        calls += [_Call(f"question: {q}", "query", {"question": q}, f"q{n}") for n, q in enumerate(self.questions)]
         if self.ocr:
-            calls.append(_Call("ocr", "query", {"question": self.ocr_prompt}))
+            calls.append(_Call("ocr", "query", {"question": self.ocr_prompt}, "ocr"))
         settings = {"max_objects": self.max_objects} if self.max_objects is not None else None
         calls += [
             _Call(f"detect: {p}", "detect", {
                 "object": p, "settings": settings, "tiling": self.tiling, "max_tiles": self.max_tiles,
-            })
-            for p in self.detect
+            }, f"d{n}")
+            for n, p in enumerate(self.detect)
         ]
         return calls
 
@@ -214,6 +224,124 @@ class ImageIndexer:
             return await self._index_one(source, state)
         finally:
             await state.aclose()
+
+    # ------------------------------------------------------------------ the Batch API
+
+    async def index_batch(
+        self,
+        sources: IndexSource | Iterable[IndexSource],
+        *,
+        job_dir: str | os.PathLike[str],
+        glob: str | None = None,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 30.0,
+        part_size: int | None = None,
+        max_lines: int | None = None,
+        on_batch_progress: Callable[[BatchProgress], Any] | None = None,
+    ) -> list[ImageRecord]:
+        """Every record, in input order, through Moondream's Batch API (see :meth:`stream_batch`)."""
+        return [
+            record
+            async for record in self.stream_batch(
+                sources, job_dir=job_dir, glob=glob, poll_interval=poll_interval,
+                max_poll_interval=max_poll_interval, part_size=part_size, max_lines=max_lines,
+                on_batch_progress=on_batch_progress,
+            )
+        ]
+
+    async def stream_batch(
+        self,
+        sources: IndexSource | Iterable[IndexSource],
+        *,
+        job_dir: str | os.PathLike[str],
+        glob: str | None = None,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 30.0,
+        part_size: int | None = None,
+        max_lines: int | None = None,
+        on_batch_progress: Callable[[BatchProgress], Any] | None = None,
+    ) -> AsyncIterator[ImageRecord]:
+        """The records of ``sources`` through Moondream's Batch API (half price, results
+        within hours), yielded **in input order**: the same records as :meth:`stream`.
+
+        The backend must be an :class:`~moondream_tools.AsyncMoondream` (Moondream Cloud;
+        anything else is a ``TypeError``), and ``max_objects`` must be unset (the Batch
+        API's detect takes no settings: a ``ValueError``).
+
+        How it runs (a :class:`~moondream_tools.MoondreamBatch` in ``job_dir``):
+
+        1. Every image is read and hashed once (the record id), its header gives the upright
+           size, and the :class:`ResultCache` is asked: cached calls are not sent. For the
+           rest the image is prepared once, exactly as :meth:`stream` uploads it (a large
+           image's tiles too, for its ``detect`` phrases: ``tiling`` works as in
+           :meth:`stream`), and kept in ``job_dir`` until the batch files are built.
+        2. Each call (caption, each question, OCR, each detect phrase, or each tile of a
+           tiled phrase) is one batch line with the id ``"<image index>:<call>"``
+           (``caption``, ``q0``, ``ocr``, ``d0``, ``d0.t3``: question 0, phrase 0's tile 3).
+           Lines are uploaded, submitted once and polled every ``poll_interval`` seconds
+           (x1.5 each time, up to ``max_poll_interval``); ``on_batch_progress`` gets the
+           job's :class:`~moondream_tools.BatchProgress` after every round of polls.
+        3. Results are matched back by id into one :class:`ImageRecord` per image, yielded
+           in input order as soon as its lines and those of every image before it are in;
+           a line's error is its part's error in ``record.errors``. What succeeded is stored
+           in the cache (keys shared with :meth:`stream`: either path reuses the other's).
+           ``on_progress`` gets an :class:`IndexProgress` per record (``requests`` counts
+           batch lines; ``total`` is always known: every image is planned before the job
+           is sent).
+
+        Resumable: the plan (``index.json``, ``index-images.jsonl``) and the job's own files
+        stay in ``job_dir``; running again with the same ``job_dir`` (after a crash, a kill
+        or a finished run) resumes that job, never preparing, uploading or submitting it
+        again, and yields every record again. The sources and options must be the same
+        (else a :class:`ConfigurationError`): another job needs another ``job_dir``. A batch
+        that failed or whose results expired puts its error on the parts it held (not
+        cached: a new ``job_dir`` with the same cache sends only those).
+
+        Memory stays flat whatever the number of images: the prepared uploads wait on disk,
+        images are prepared one per CPU at a time (reads and downloads: ``max_concurrency``),
+        and the batch file is uploaded in ``part_size`` parts (default 8 MiB; None: that
+        default). ``max_lines``: lines per batch (as for
+        :class:`~moondream_tools.MoondreamBatch`; None: the published 100,000). After the
+        run, :attr:`batch_usage` and :meth:`batch_cost` report the job's tokens and cost.
+
+        Example::
+
+            async with AsyncMoondream() as md:
+                indexer = ImageIndexer(md, questions=["Is there a person?"], detect=["car"],
+                                       cache=ResultCache(".cache"))
+                async for record in indexer.stream_batch("photos/", job_dir="jobs/photos"):
+                    print(record.source, record.caption)
+                batch_usd, standard_usd = indexer.batch_cost()
+        """
+        from .batching import run_batch  # the batch package imports this one: import at call time
+
+        records = run_batch(
+            self, sources, job_dir=job_dir, glob=glob, poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval, part_size=part_size, max_lines=max_lines,
+            on_batch_progress=on_batch_progress,
+        )
+        async with contextlib.aclosing(records):  # closing this stream closes the job (and its lock) now
+            async for record in records:
+                yield record
+
+    @property
+    def batch_usage(self) -> Usage | None:
+        """The tokens of the batch job of the last :meth:`stream_batch` / :meth:`index_batch`
+        (the whole job when it was resumed), or None when it sent nothing (every call cached)."""
+        return self._batch_usage
+
+    def batch_cost(
+        self, *, input_usd_per_million: float = 0.30, output_usd_per_million: float = 2.50
+    ) -> tuple[float, float]:
+        """``(batch_usd, standard_usd)``: the estimated cost of :attr:`batch_usage` on the
+        Batch API and what the standard API would have charged for the same tokens (see
+        :meth:`MoondreamBatch.cost <moondream_tools.MoondreamBatch.cost>`)."""
+        from ..batch import estimate_cost
+
+        return estimate_cost(
+            self._batch_usage, input_usd_per_million=input_usd_per_million,
+            output_usd_per_million=output_usd_per_million,
+        )
 
     # ------------------------------------------------------------------ one image
 
@@ -312,12 +440,9 @@ class ImageIndexer:
                 record.errors[call.part] = f"{type(exc).__name__}: {exc}"
                 return None
             results[call.part] = result
-            if isinstance(result, TiledDetections) and result.failed:
-                lost = ", ".join(f"{t.box}" for t in result.failed)
-                record.errors[call.part] = (
-                    f"{len(result.failed)} of {len(result.tiles)} tiles failed (regions {lost});"
-                    f" the count is a lower bound. First error: {result.failed[0].error}"
-                )
+            partial = _partial_error(result)
+            if partial is not None:
+                record.errors[call.part] = partial
                 return None  # partial: not cached
             return key, result
 
@@ -389,6 +514,18 @@ def _inspect(data: bytes, settings: ImageSettings) -> tuple[str, tuple[int, int]
         return digest, _peek(data, settings)
     except ImageError as exc:
         return digest, exc
+
+
+def _partial_error(result: Any) -> str | None:
+    """The error of a tiled detection some of whose tiles failed (its count is a lower
+    bound and it is not cached), or None."""
+    if not isinstance(result, TiledDetections) or not result.failed:
+        return None
+    lost = ", ".join(f"{t.box}" for t in result.failed)
+    return (
+        f"{len(result.failed)} of {len(result.tiles)} tiles failed (regions {lost});"
+        f" the count is a lower bound. First error: {result.failed[0].error}"
+    )
 
 
 def _fill(record: ImageRecord, calls: list[_Call], results: dict[str, Any]) -> None:
