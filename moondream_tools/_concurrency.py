@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from .errors import MoondreamError
 
-__all__ = ["map_concurrently"]
+__all__ = ["map_concurrently", "stream_in_order"]
 
 _T = TypeVar("_T")
 _I = TypeVar("_I")
@@ -49,3 +50,42 @@ async def map_concurrently(
     except BaseExceptionGroup as group_error:
         raise group_error.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+async def stream_in_order(
+    func: Callable[[_I], Awaitable[_T]], items: Iterable[_I], *, concurrency: int, window: int
+) -> AsyncIterator[_T]:
+    """``func`` of each item, yielded in input order, while at most ``concurrency`` calls run
+    and at most ``window`` results wait for a slower one before them; ``items`` is read no
+    further ahead than that. Closing the iterator early cancels the calls in flight; an
+    exception from ``func`` ends the iteration when its turn comes.
+
+    >>> async def double(n: int) -> int:
+    ...     return 2 * n
+    >>> async def collect() -> list[int]:
+    ...     return [v async for v in stream_in_order(double, iter([1, 2, 3]), concurrency=2, window=4)]
+    >>> asyncio.run(collect())
+    [2, 4, 6]
+    """
+    slots = asyncio.Semaphore(concurrency)
+    pending: deque[asyncio.Task[_T]] = deque()
+
+    async def run(item: _I) -> _T:
+        try:
+            return await func(item)
+        finally:
+            slots.release()
+
+    try:
+        for item in items:
+            while pending and (len(pending) >= window or pending[0].done()):
+                yield await pending.popleft()
+            await slots.acquire()
+            pending.append(asyncio.create_task(run(item)))
+        while pending:
+            yield await pending.popleft()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -44,7 +44,6 @@ import os
 import re
 import shutil
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import IO, Any
 
 from PIL import Image
 
+from .._concurrency import stream_in_order
 from ..batch import BatchProgress, BatchResult, MoondreamBatch
 from ..batch._state import write_atomically
 from ..batch._wire import MAX_LINES, MAX_PART_BYTES
@@ -328,32 +328,21 @@ async def _planned(
 ) -> AsyncIterator[_Planned]:
     """Each image planned, in input order, ``max_concurrency`` at a time (a lazy iterable is
     read no further ahead than :meth:`ImageIndexer.stream` reads it)."""
-    slots = asyncio.Semaphore(indexer.max_concurrency)
     # Preparing is CPU work with no request to wait for: one image per CPU decodes as fast as
     # more would, with less memory held (reads and downloads keep max_concurrency).
     cpus = asyncio.Semaphore(max(1, min(indexer.max_concurrency, os.cpu_count() or 1)))
-    window = 4 * indexer.max_concurrency
-    pending: deque[asyncio.Task[_Planned]] = deque()
 
-    async def run(index: int, source: IndexSource) -> _Planned:
-        try:
-            return await _plan_one(indexer, index, source, spill, state, cpus)
-        finally:
-            slots.release()
+    async def run(numbered: tuple[int, IndexSource]) -> _Planned:
+        return await _plan_one(indexer, numbered[0], numbered[1], spill, state, cpus)
 
+    planned = stream_in_order(
+        run, enumerate(items), concurrency=indexer.max_concurrency, window=4 * indexer.max_concurrency
+    )
     try:
-        for index, source in enumerate(items):
-            while pending and (len(pending) >= window or pending[0].done()):
-                yield await pending.popleft()
-            await slots.acquire()
-            pending.append(asyncio.create_task(run(index, source)))
-        while pending:
-            yield await pending.popleft()
+        async for plan in planned:
+            yield plan
     finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await planned.aclose()
 
 
 async def _plan_one(

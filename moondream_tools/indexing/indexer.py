@@ -8,13 +8,13 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from .._concurrency import stream_in_order
 from ..backend import CaptionLength, VisionBackend, check_length, check_object, check_question, require_skill
 from ..errors import ImageError, MoondreamError
 from ..images import ImageSettings, PreparedImage
@@ -188,33 +188,20 @@ class ImageIndexer:
             items = list(items)
             total = len(items)
         state = _Run(total)
-        slots = asyncio.Semaphore(self.max_concurrency)
-        window = 4 * self.max_concurrency
-        pending: deque[asyncio.Task[ImageRecord]] = deque()
 
         async def run(source: IndexSource) -> ImageRecord:
-            try:
-                record = await self._index_one(source, state)
-            finally:
-                slots.release()
+            record = await self._index_one(source, state)
             state.finished(record)
             if self.on_progress is not None:
                 self.on_progress(state.progress())
             return record
 
+        records = stream_in_order(run, items, concurrency=self.max_concurrency, window=4 * self.max_concurrency)
         try:
-            for source in items:
-                while pending and (len(pending) >= window or pending[0].done()):
-                    yield await pending.popleft()
-                await slots.acquire()
-                pending.append(asyncio.create_task(run(source)))
-            while pending:
-                yield await pending.popleft()
+            async for record in records:
+                yield record
         finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            await records.aclose()
             await state.aclose()
 
     async def index_one(self, source: IndexSource) -> ImageRecord:
