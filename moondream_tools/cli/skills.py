@@ -28,10 +28,9 @@ from ..geometry import box_to_pixels, point_to_pixels
 from ..images import ImageSettings
 from ..images.sources import ReferenceKind, _load_source, reference_kind
 from ..indexing import ImageRecord
-from ..result_cache import image_digest
 from ..results import Detections, Points, Segmentation
 from ..tiling import TiledImage, TilingMode
-from ..tiling.run import _peek
+from ..indexing.indexer import _inspect
 from .records import Record, base_record
 
 __all__ = [
@@ -119,15 +118,6 @@ def message(exc: BaseException) -> str:
 
 def _px(value: float) -> float:
     return round(value, 2)
-
-
-def _inspect(data: bytes, settings: ImageSettings) -> tuple[str, tuple[int, int] | ImageError]:
-    """The image's sha256 and its upright size from its header, or why it cannot be read."""
-    digest = image_digest(data)
-    try:
-        return digest, _peek(data, settings)
-    except ImageError as exc:
-        return digest, exc
 
 
 # ---------------------------------------------------------------- result -> fields

@@ -81,6 +81,18 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+def upright_size(source: bytes | Image.Image, settings: ImageSettings) -> tuple[int, int]:
+    """The upright size of an image from its header (EXIF orientation applied), under
+    ``settings``' limits, without decoding its pixels (blocking; raises
+    :class:`~moondream_tools.ImageError`)."""
+    img = _open_checked(source, settings) if isinstance(source, bytes) else source
+    _check_pixels(img, settings)
+    try:
+        return _oriented_size(img)
+    except Exception as exc:  # reading EXIF may read (and fail on) more of a corrupt file
+        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
+
+
 def _draft(img: Image.Image, target: tuple[int, int], oriented: tuple[int, int]) -> None:
     """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when that still covers ``target``."""
     if img.format != "JPEG" or img.mode not in ("RGB", "L", "CMYK"):

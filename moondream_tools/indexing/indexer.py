@@ -22,7 +22,7 @@ from ..images.sources import ReferenceKind, _load_source, reference_kind
 from ..result_cache import ResultCache, backend_identity, image_digest
 from ..results import Answer, Caption, Usage
 from ..tiling import DEFAULT_MAX_TILES, TiledDetections, TiledImage, TilingMode, plan_tiles
-from ..tiling.run import _peek
+from ..images.decode import upright_size
 from .records import FoundObjects, ImageRecord
 from .sources import IndexSource, expand_sources
 
@@ -498,7 +498,7 @@ def _inspect(data: bytes, settings: ImageSettings) -> tuple[str, tuple[int, int]
     """The image's id and its upright size from its header, or why it cannot be read (blocking)."""
     digest = image_digest(data)
     try:
-        return digest, _peek(data, settings)
+        return digest, upright_size(data, settings)
     except ImageError as exc:
         return digest, exc
 

@@ -15,7 +15,7 @@ from .._transport import Timeout
 from ..backend import SamplingSettings, VisionBackend, check_object, check_settings, require_skill
 from ..errors import ImageError, MoondreamError
 from ..images import ImageInput, ImageSettings, PreparedImage, decode_image, upload_sizes
-from ..images.decode import _check_pixels, _open_checked, _oriented_size
+from ..images.decode import upright_size
 from ..images.sources import ReferenceKind, _describe, _load_source, reference_kind
 from .assemble import _assemble_boxes, _assemble_points, _untiled
 from .plan import DEFAULT_MAX_TILES, TilePlan, TilingMode, Tile, _DEFAULT_CONCURRENCY, plan_tiles
@@ -34,16 +34,6 @@ class _Source:
     untiled: ImageInput
 
 
-def _peek(data: bytes | Image.Image, settings: ImageSettings) -> tuple[int, int]:
-    """The upright size of an image, from its header (blocking)."""
-    img = _open_checked(data, settings) if isinstance(data, bytes) else data
-    _check_pixels(img, settings)
-    try:
-        return _oriented_size(img)
-    except Exception as exc:  # reading EXIF may read (and fail on) more of a corrupt file
-        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
-
-
 async def _read(image: ImageInput, settings: ImageSettings) -> _Source:
     if isinstance(image, PreparedImage):
         return _Source(image, (image.width, image.height), image)
@@ -53,7 +43,7 @@ async def _read(image: ImageInput, settings: ImageSettings) -> _Source:
                 data = await _load_source(image, session, settings)
         else:
             data = await _load_source(image, None, settings)
-        size = await asyncio.to_thread(_peek, data, settings)
+        size = await asyncio.to_thread(upright_size, data, settings)
     except ImageError as exc:
         raise ImageError(f"{_describe(image)}: {exc}") from None
     # Sent untiled as given, unless reading it again would download it again or find a file

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import ImageError, MoondreamError
 from ..images import ImageSettings, ReferenceKind, reference_kind
-from ..images.decode import _check_pixels, _open_checked, _oriented_size
+from ..images.decode import upright_size
 from ..images.sources import _decode_data_url, read_image_file
 
 __all__ = ["AttachedImage"]
@@ -52,17 +52,6 @@ class AttachedImage:
         if self.error is not None:
             return f"[image could not be used: {self.error}]"
         return f"[image {self.handle}: {self.width}x{self.height} px]"
-
-
-def upright_size(data: bytes, settings: ImageSettings) -> tuple[int, int]:
-    """The upright size of an encoded image from its header, under ``settings``' limits
-    (blocking; raises :class:`~moondream_tools.ImageError`)."""
-    img = _open_checked(data, settings)
-    _check_pixels(img, settings)
-    try:
-        return _oriented_size(img)
-    except Exception as exc:  # reading EXIF may read (and fail on) more of a corrupt file
-        raise ImageError(f"cannot read image: {type(exc).__name__}: {exc}") from None
 
 
 async def read_attachment(
