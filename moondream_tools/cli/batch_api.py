@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,7 +52,7 @@ from ..results import ImageSize, Usage
 from .exports import ExportSpec, run_exports
 from .progress import Stats, failures_text
 from .records import JsonlWriter, Loaded, Record, base_record, key_of, record_key
-from .runner import open_records
+from .runner import SignalHandlers, open_records
 from .skills import RunState, _inspect, detections_fields, message, points_fields
 
 __all__ = ["BatchCommand", "execute_batch", "fetch_jobs", "jobs_root", "status_jobs"]
@@ -64,7 +63,6 @@ FORMAT = "moondream-tools/cli-batch-job"
 VERSION = 1
 #: The skill each command asks of the Batch API (count counts points).
 BATCH_SKILL = {"caption": "caption", "query": "query", "detect": "detect", "point": "point", "count": "point"}
-_SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 T = TypeVar("T")
 
 
@@ -418,35 +416,19 @@ class _Abort(Exception):
     """The run cannot go on (the reason was printed): exit 2."""
 
 
-class _Signals:
+class _Signals(SignalHandlers):
     """SIGINT / SIGTERM: while waiting, stop waiting at once (the job goes on in the service);
     while submitting, finish the step first (a second signal stops at once)."""
 
     def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__()
         self.say = say
-        self.signum: int | None = None
         self.task: asyncio.Future[Any] | None = None
         self.at_once = False
         self.note = ""
-        self._installed: list[int] = []
-
-    def install(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self._on_signal, sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover - not the main thread
-                continue
-            self._installed.append(sig)
-
-    def uninstall(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in self._installed:
-            loop.remove_signal_handler(sig)
-        self._installed.clear()
 
     def _on_signal(self, sig: int) -> None:
-        name = _SIGNAL_NAMES.get(sig, str(sig))
+        name = self.name(sig)
         first = self.signum is None
         if first:
             self.signum = sig

@@ -79,21 +79,13 @@ class Job:
         return record_key(source, self.skill, self.arguments)
 
 
-class _Stopper:
-    """SIGINT / SIGTERM: the first stops new inputs, the second cancels those in flight."""
+class SignalHandlers:
+    """SIGINT and SIGTERM routed to :meth:`_on_signal` on the running loop while installed
+    (a subclass decides what a signal does)."""
 
-    def __init__(self, say: Callable[[str], None]) -> None:
-        self.say = say
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self.hard = False
-        self.reason: str | None = None
-        self.cancel: Callable[[], None] = lambda: None
-        self.in_flight: Callable[[], int] = lambda: 0
         self._installed: list[int] = []
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None or self.reason is not None
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,8 +102,31 @@ class _Stopper:
             loop.remove_signal_handler(sig)
         self._installed.clear()
 
+    @staticmethod
+    def name(sig: int) -> str:
+        return _SIGNAL_NAMES.get(sig, str(sig))
+
+    def _on_signal(self, sig: int) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+
+class _Stopper(SignalHandlers):
+    """SIGINT / SIGTERM: the first stops new inputs, the second cancels those in flight."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__()
+        self.say = say
+        self.hard = False
+        self.reason: str | None = None
+        self.cancel: Callable[[], None] = lambda: None
+        self.in_flight: Callable[[], int] = lambda: 0
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None or self.reason is not None
+
     def _on_signal(self, sig: int) -> None:
-        name = _SIGNAL_NAMES.get(sig, str(sig))
+        name = self.name(sig)
         if self.signum is None:
             self.signum = sig
             self.say(
