@@ -25,7 +25,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(INTEGRATIONS) $(OFFICIAL_MOONDREAM) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[testing,dev,cli,mcp]" $(foreach p,$(INTEGRATIONS),-e "$(dir $(p))[dev]") "$(NOX)"
+	$(BIN)/python -m pip install --quiet -e ".[testing,dev,cli,mcp,ray,video]" $(foreach p,$(INTEGRATIONS),-e "$(dir $(p))[dev]") "$(NOX)"
 	$(BIN)/python -m pip install --quiet --no-deps -r "$(OFFICIAL_MOONDREAM)"
 	touch $(STAMP)
 

@@ -5,7 +5,7 @@
 
 ``make test`` runs 3.11 in .venv and then the 3.12 and 3.13 sessions below. Each session
 installs from the project's own files exactly as the Makefile does: the core with
-``[testing,dev,cli,mcp]``, every adapter under ``integrations/`` with ``[dev]`` and the pinned
+``[testing,dev,cli,mcp,ray,video]``, every adapter under ``integrations/`` with ``[dev]`` and the pinned
 official client (tests/requirements-official-client.txt) with ``--no-deps``.
 
 Interpreters: a working ``python3.X`` on PATH is used as it is. Otherwise the newest
@@ -100,6 +100,6 @@ def tests(session: nox.Session) -> None:
     """The whole test suite (core, both adapters, doctests) with every extra."""
     session.install("--upgrade", "pip")
     extras = [arg for path in _integrations() for arg in ("-e", f"{path}/[dev]")]
-    session.install("-e", ".[testing,dev,cli,mcp]", *extras)
+    session.install("-e", ".[testing,dev,cli,mcp,ray,video]", *extras)
     session.install("--no-deps", "-r", OFFICIAL_CLIENT)
     session.run("python", "-m", "pytest", *session.posargs)
