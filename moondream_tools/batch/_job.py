@@ -22,6 +22,7 @@ import aiohttp
 
 import moondream_tools._transport as _transport  # its _sleep at call time (tests record retry delays)
 
+from .._memory import trim_freed_memory
 from .._transport import RETRY_STATUSES, USER_AGENT, CallOptions, Timeout, retry_delay
 from ..client import MOONDREAM_PROFILE, AsyncMoondream
 from ..errors import (
@@ -42,6 +43,7 @@ from ..errors import (
 from ..images import ImageSettings, PreparedImage, ReferenceKind, prepare_image, reference_kind
 from ..indexing.sources import IndexSource, expand_sources
 from ..results import ImageSize, Usage
+from ._spool import Request, RequestSpool
 from ._state import MANIFEST_FILE, BatchRecord, JobState, ManifestEntry, load_state, read_manifest
 from ._wire import (
     MAX_FILE_BYTES,
@@ -56,7 +58,6 @@ from ._wire import (
     parse_result_line,
     request_fields,
     request_line,
-    requests_digest,
 )
 
 __all__ = ["BatchInfo", "BatchProgress", "MoondreamBatch"]
@@ -151,16 +152,6 @@ class BatchProgress:
 
 #: ``on_progress``: a function, or a coroutine function, of the progress.
 ProgressCallback = Callable[[BatchProgress], Any]
-
-
-@dataclass(frozen=True)
-class _Request:
-    index: int
-    id: str
-    skill: str
-    source: IndexSource
-    description: str
-    fields: dict[str, Any]
 
 
 class _RequestFiles:
@@ -344,8 +335,7 @@ class MoondreamBatch:
         self._max_output_bytes, self._build_concurrency = max_output_bytes, build_concurrency
         self._job_dir = Path(job_dir)
         self._job_dir.mkdir(parents=True, exist_ok=True)
-        self._requests: list[_Request] = []
-        self._ids: set[str] = set()
+        self._requests = RequestSpool()  # on disk until built: flat memory whatever the job's size
         self._manifest: list[ManifestEntry] | None = None
         self._urls: dict[int, dict[int, str]] = {}  # batch -> output index -> presigned URL (memory only)
         self._lock_fd: int | None = None
@@ -381,6 +371,7 @@ class MoondreamBatch:
         """Close the HTTP session (not a ``client=``'s) and let another process take the job
         directory. The job stays on disk."""
         self._unlock()
+        self._requests.close()
         if self._owns_client:
             await self._client.aclose()
 
@@ -441,16 +432,10 @@ class MoondreamBatch:
             image = bytes(image)
         if not isinstance(image, (str, bytes, os.PathLike)):
             raise TypeError(f"a batch image is a path, a URL or bytes, got {type(image).__name__}")
-        index = len(self._requests)
-        rid = str(index) if id is None else id
+        rid = str(len(self._requests)) if id is None else id
         if not isinstance(rid, str) or not rid:
             raise ValueError(f"id must be a non-empty string, got {rid!r}")
-        if rid in self._ids:
-            raise ValueError(
-                f"id {rid!r} is already used in this job: ids must be unique (give every request an id, or none)"
-            )
-        self._ids.add(rid)
-        self._requests.append(_Request(index, rid, skill, image, describe_source(image), fields))
+        self._requests.add(rid, skill, image, describe_source(image), fields)
         return rid
 
     def add_many(
@@ -525,7 +510,7 @@ class MoondreamBatch:
         a :class:`ConfigurationError`.
         """
         self._lock()
-        digest = requests_digest([(r.id, r.skill, r.description, r.fields) for r in self._requests])
+        digest = self._requests.digest()
         if self._state is not None:
             if self._requests and digest != self._state.requests_digest:
                 raise ConfigurationError(
@@ -539,27 +524,28 @@ class MoondreamBatch:
             stale.unlink()  # left by a build that was killed before it finished
         files = _RequestFiles(self._job_dir, self._max_lines, self._max_bytes)
         manifest_tmp = self._job_dir / f".{MANIFEST_FILE}.tmp"
-        entries: list[ManifestEntry] = []
+        built = not_sent = 0
         try:
             with open(manifest_tmp, "wb") as manifest:
-                async for request, prepared in self._prepared(self._requests):
+                async for request, prepared in self._prepared(iter(self._requests)):
                     entry = self._entry(request, prepared, files)
                     manifest.write(entry.to_line())
-                    entries.append(entry)
+                    built += 1
+                    not_sent += entry.batch is None
                 manifest.flush()
                 os.fsync(manifest.fileno())
         finally:
             files.close()
+        await asyncio.to_thread(trim_freed_memory)
         os.replace(manifest_tmp, self._job_dir / MANIFEST_FILE)
-        self._manifest = entries
+        self._manifest = None  # read from disk when results are matched (not held while uploading)
         self._state = JobState(
             base_url=self._client.base_url, model=self.model, requests_digest=digest,
             items=len(self._requests), batches=files.records,
         )
         self._save()
-        not_sent = sum(1 for e in entries if e.batch is None)
         logger.info(
-            "batch job %s: built %d requests into %d batch file(s)%s", self._job_dir, len(entries),
+            "batch job %s: built %d requests into %d batch file(s)%s", self._job_dir, built,
             len(files.records), f"; {not_sent} could not be prepared and will not be sent" if not_sent else "",
         )
 
@@ -648,18 +634,18 @@ class MoondreamBatch:
         return await prepare_image(source, settings=self._image_settings)
 
     async def _prepared(
-        self, requests: Sequence[_Request]
-    ) -> AsyncIterator[tuple[_Request, PreparedImage | ImageError]]:
+        self, requests: Iterable[Request]
+    ) -> AsyncIterator[tuple[Request, PreparedImage | ImageError]]:
         """Each request with its prepared image (or why it cannot be), in order, preparing up
         to ``build_concurrency`` ahead."""
 
-        async def one(request: _Request) -> PreparedImage | ImageError:
+        async def one(request: Request) -> PreparedImage | ImageError:
             try:
                 return await self._prepare(request.source)
             except ImageError as exc:
                 return exc
 
-        window: collections.deque[tuple[_Request, asyncio.Task[PreparedImage | ImageError]]] = collections.deque()
+        window: collections.deque[tuple[Request, asyncio.Task[PreparedImage | ImageError]]] = collections.deque()
         try:
             for request in requests:
                 window.append((request, asyncio.ensure_future(one(request))))
@@ -675,7 +661,7 @@ class MoondreamBatch:
             await asyncio.gather(*(task for _, task in window), return_exceptions=True)
 
     def _entry(
-        self, request: _Request, prepared: PreparedImage | ImageError, files: _RequestFiles
+        self, request: Request, prepared: PreparedImage | ImageError, files: _RequestFiles
     ) -> ManifestEntry:
         base = dict(index=request.index, id=request.id, skill=request.skill, source=request.description,
                     object=request.fields.get("object"))
@@ -748,6 +734,8 @@ class MoondreamBatch:
                     self._save()
                     logger.info("batch job %s: batch %d: part %d of %d uploaded (%d bytes)",
                                 self._job_dir, k, number, count, len(chunk))
+                    del chunk  # before the next part is read: one part in memory at a time
+                    await asyncio.to_thread(trim_freed_memory)
                 return
             except NotFoundError:
                 if restarted:

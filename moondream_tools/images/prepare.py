@@ -78,8 +78,14 @@ async def _prepare_uncached(
 
 
 async def _prepare_loaded(image: ImageInput, source: bytes | Image.Image, settings: ImageSettings) -> PreparedImage:
+    return await asyncio.to_thread(_prepare_blocking, image, source, settings)
+
+
+def _prepare_blocking(image: ImageInput, source: bytes | Image.Image, settings: ImageSettings) -> PreparedImage:
+    """:func:`prepare_image` of a source already loaded, without a cache (blocking): for
+    callers that run a whole image's work in one thread of their own."""
     try:
-        return await asyncio.to_thread(_prepare_sync, source, settings)
+        return _prepare_sync(source, settings)
     except ImageError as exc:
         raise ImageError(f"{_describe(image)}: {exc}") from None
 

@@ -23,9 +23,11 @@ version, the options' fingerprint, images, lines), ``index-images.jsonl``, a ``.
 and ``images/`` while a plan is being built.
 
 Memory: preparing is CPU work with no request to wait for, so images are prepared one per
-CPU at a time (reads and downloads keep ``max_concurrency``), the uploads wait on disk, and
-the batch file goes up in 8 MiB parts (:data:`DEFAULT_PART_SIZE`). What is left grows with
-the lines only through :class:`MoondreamBatch`'s own list of requests (under 1 KB a line).
+CPU at a time, each whole on a planner thread of its own (reads and downloads keep
+``max_concurrency``), freed decoder memory is handed back as it goes
+(:mod:`moondream_tools._memory`), the uploads and :class:`MoondreamBatch`'s requests wait on
+disk, and the batch file goes up in 8 MiB parts (:data:`DEFAULT_PART_SIZE`), one at a time.
+Nothing held grows with the number of images until the results are matched.
 
 :class:`_IndexJob` sends the kept JPEGs through :class:`MoondreamBatch`'s ``_prepare`` hook
 (private: ``MoondreamBatch.add`` takes paths, URLs and bytes, each prepared again, not a
@@ -44,6 +46,7 @@ import os
 import re
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +55,14 @@ from typing import IO, Any
 from PIL import Image
 
 from .._concurrency import stream_in_order
+from .._memory import trim_freed_memory
 from ..batch import BatchProgress, BatchResult, MoondreamBatch
 from ..batch._state import write_atomically
 from ..batch._wire import MAX_LINES, MAX_PART_BYTES
 from ..client import AsyncMoondream
 from ..errors import BatchError, BatchExpiredError, BatchFailedError, ConfigurationError, ImageError, MoondreamError
-from ..images import PreparedImage, decode_image, prepare_image, upload_sizes
+from ..images import PreparedImage, decode_image, upload_sizes
+from ..images.prepare import _prepare_blocking
 from ..images.sources import ReferenceKind, reference_kind
 from ..result_cache import backend_identity, image_digest
 from ..tiling import TilePlan, plan_tiles
@@ -76,14 +81,19 @@ SPILL_DIR = "images"
 LOCK_FILE = ".index.lock"
 FORMAT = "moondream-tools/index-batch"
 VERSION = 1
-#: Upload part size of the indexer's jobs: MoondreamBatch's upload holds about three parts in
-#: memory at once (the part sent, the next one read, the socket's buffer), so its 50 MiB
-#: default would add ~150 MiB to a run that otherwise stays near 125 MiB; 8 MiB parts (S3's
-#: minimum is 5 MiB) cost ~240 part requests for the largest (2 GB) batch file.
+#: Upload part size of the indexer's jobs: a part is in memory (and the socket's buffer) while
+#: it goes up, so MoondreamBatch's 50 MiB default would add ~100 MiB to a run that otherwise
+#: stays under 100 MiB; 8 MiB parts (S3's minimum is 5 MiB) cost ~240 part requests for the
+#: largest (2 GB) batch file.
 DEFAULT_PART_SIZE = 8 * 2**20
 #: A kept JPEG's name ends in its frame's size: ``<image>.<width>x<height>.jpg`` (the whole
 #: image: the upright source's size, the frame of its results) or ``<image>-t<k>.<w>x<h>.jpg``.
 _SIZED = re.compile(r"\.(\d+)x(\d+)\.jpg$")
+#: Planning's CPU work (hash, decode, resize, encode, write) runs on threads of its own, one
+#: per CPU, a whole image per call: glibc gives each thread that allocates a malloc arena of
+#: its own, which keeps what its decodes freed, so few threads keep little (bench_batch:
+#: 88 MiB of growth on two threads against 150 MiB across the default pool's six).
+_PLANNERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="moondream-plan")
 
 
 class _IndexJob(MoondreamBatch):
@@ -355,7 +365,8 @@ async def _plan_one(
             data = await _read_or_error(indexer, source, state)
         if isinstance(data, _Planned):
             return data
-        return await _plan_read(indexer, index, source, data, spill)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_PLANNERS, _plan_read, indexer, index, source, data, spill)
 
 
 async def _read_or_error(indexer: ImageIndexer, source: IndexSource, state: _Run) -> bytes | _Planned:
@@ -366,9 +377,17 @@ async def _read_or_error(indexer: ImageIndexer, source: IndexSource, state: _Run
         return _Planned({"source": label, "id": _label_id(label), "errors": {"image": str(exc)}})
 
 
-async def _plan_read(indexer: ImageIndexer, index: int, source: IndexSource, data: bytes, spill: Path) -> _Planned:
-    """Plan one image read: hash, size, cache, and the uploads its calls not cached need."""
-    digest, size = await asyncio.to_thread(_inspect, data, indexer.image_settings)
+def _plan_read(indexer: ImageIndexer, index: int, source: IndexSource, data: bytes, spill: Path) -> _Planned:
+    """Plan one image read (blocking, on a planner thread): hash, size, cache, and the
+    uploads its calls not cached need; then hand the freed decoder memory back."""
+    try:
+        return _plan_image(indexer, index, source, data, spill)
+    finally:
+        trim_freed_memory()
+
+
+def _plan_image(indexer: ImageIndexer, index: int, source: IndexSource, data: bytes, spill: Path) -> _Planned:
+    digest, size = _inspect(data, indexer.image_settings)
     label = f"bytes:{digest[:12]}" if isinstance(source, bytes) else _label(source)
     if isinstance(size, ImageError):
         return _Planned({"source": label, "id": digest, "errors": {"image": str(size)}})
@@ -378,17 +397,17 @@ async def _plan_read(indexer: ImageIndexer, index: int, source: IndexSource, dat
     missing = calls
     if indexer.cache is not None:
         keys = {c.code: indexer._key(digest, c) for c in calls}
-        stored = await asyncio.to_thread(indexer.cache.get_many, list(keys.values()))
+        stored = indexer.cache.get_many(list(keys.values()))
         missing = [c for c in calls if stored[keys[c.code]] is None]
     if not missing:
         return _Planned(entry)
-    return await _prepare_calls(indexer, index, data, entry, missing, spill)
+    return _prepare_calls(indexer, index, data, entry, missing, spill)
 
 
-async def _prepare_calls(
+def _prepare_calls(
     indexer: ImageIndexer, index: int, data: bytes, entry: dict[str, Any], missing: list[_Call], spill: Path
 ) -> _Planned:
-    """Prepare and keep the uploads the calls not cached need; their requests."""
+    """Prepare and keep the uploads the calls not cached need; their requests (blocking)."""
     width, height = entry["width"], entry["height"]
     errors: dict[str, str] = {}
     plan = _tile_plan(indexer, width, height)
@@ -397,14 +416,14 @@ async def _prepare_calls(
     tiles: list[str] = []
     if any(c.skill != "detect" or not tiled for c in missing):
         try:
-            prepared = await prepare_image(data, settings=indexer.image_settings)
-            whole = await asyncio.to_thread(_keep, spill / f"{index:08d}.{width}x{height}.jpg", prepared)
+            prepared = _prepare_blocking(data, data, indexer.image_settings)
+            whole = _keep(spill / f"{index:08d}.{width}x{height}.jpg", prepared)
         except MoondreamError as exc:  # every call needs this upload, or tiles of it
             errors.update({c.part: str(exc) for c in missing})
             missing = []
     if tiled and any(c.skill == "detect" for c in missing):
         try:
-            tiles = await _keep_tiles(indexer, data, plan, spill, index)
+            tiles = _keep_tiles(indexer, data, plan, spill, index)
         except MoondreamError as exc:
             errors.update({c.part: str(exc) for c in missing if c.skill == "detect"})
             missing = [c for c in missing if c.skill != "detect"]
@@ -436,21 +455,22 @@ def _keep(path: Path, prepared: PreparedImage) -> str:
     return str(path)
 
 
-async def _keep_tiles(indexer: ImageIndexer, data: bytes, plan: TilePlan, spill: Path, index: int) -> list[str]:
+def _keep_tiles(indexer: ImageIndexer, data: bytes, plan: TilePlan, spill: Path, index: int) -> list[str]:
     """Decode the image once and keep each tile's upload, cut and prepared as
-    :class:`~moondream_tools.tiling.TiledImage` does (so its lines match the tiled calls)."""
+    :class:`~moondream_tools.tiling.TiledImage` does (so its lines match the tiled calls;
+    blocking)."""
     settings = indexer.image_settings
-    rgb, upright = await asyncio.to_thread(decode_image, data, settings)
+    rgb, upright = decode_image(data, settings)
     if upright != (plan.width, plan.height):  # pragma: no cover - the header and the decoder agree
         raise ImageError(f"decoded as {upright}, its header said {(plan.width, plan.height)}")
     paths = []
     try:
         for tile in plan.tiles:
             size, _ = upload_sizes(tile.width, tile.height, settings)
-            upload = await asyncio.to_thread(rgb.resize, size, Image.Resampling.BOX, tile.box)
-            prepared = await prepare_image(upload, settings=settings)
+            upload = rgb.resize(size, Image.Resampling.BOX, tile.box)
+            prepared = _prepare_blocking(upload, upload, settings)
             name = spill / f"{index:08d}-t{tile.index}.{prepared.width}x{prepared.height}.jpg"
-            paths.append(await asyncio.to_thread(_keep, name, prepared))
+            paths.append(_keep(name, prepared))
     finally:
         rgb.close()
     return paths

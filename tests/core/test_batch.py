@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,7 @@ from moondream_tools import (
 )
 from moondream_tools.batch import _job, estimate_cost
 from moondream_tools.batch._state import JobState
-from moondream_tools.batch._wire import parse_result_line, request_fields
+from moondream_tools.batch._wire import parse_result_line, request_fields, requests_digest
 from moondream_tools.results import ImageSize
 from moondream_tools.testing import FakeMoondream, Scene
 
@@ -397,6 +398,37 @@ def test_requests_are_checked_when_added(tmp_path: Path) -> None:
         "question": "q?", "reasoning": True, "settings": {"max_tokens": 5}
     }
     assert estimate_cost(Usage(input_tokens=1_000_000, output_tokens=1_000_000)) == (1.4, 2.8)
+
+
+async def test_requests_wait_on_disk_not_in_memory(tmp_path: Path) -> None:
+    """Added requests leave no Python objects behind (as objects, 50,000 of them took ~30 MB,
+    and images given as bytes stayed in memory until built), and the list's identity is the
+    digest ``requests_digest`` gives the same list (job directories built before still resume)."""
+    job = MoondreamBatch(tmp_path / "job", api_key="k", base_url="http://127.0.0.1:9/v1")
+    payload = bytes(range(256)) * 400  # 100 KB of "image" per request
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            job.add(f"/photos/IMG_{i:06d}.jpg", "query", question="How many people?")
+        for i in range(200):
+            job.add(payload + i.to_bytes(2, "big"), "caption", id=f"bytes-{i}")  # 20 MB in all
+        job.add(tmp_path / "photo.jpg", "detect", object="car")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    try:
+        assert held < 1_000_000, f"{held} bytes held in memory for 20,201 requests"
+        requests = list(job._requests)
+        assert [r.index for r in requests] == list(range(20_201))
+        assert requests[5].source == "/photos/IMG_000005.jpg" and requests[5].fields == {"question": "How many people?", "reasoning": False}
+        assert requests[20_000 + 7].source == payload + (7).to_bytes(2, "big") and requests[20_000 + 7].id == "bytes-7"
+        assert requests[-1].source == tmp_path / "photo.jpg" and isinstance(requests[-1].source, Path)
+        assert job._requests.digest() == requests_digest([(r.id, r.skill, r.description, r.fields) for r in requests])
+        with pytest.raises(ValueError, match="already used"):
+            job.add(b"img", "caption", id="bytes-3")
+    finally:
+        await job.aclose()
 
 
 async def test_a_job_directory_keeps_its_requests_and_server(fake: FakeMoondream, tmp_path: Path) -> None:
