@@ -39,6 +39,58 @@ asyncio.run(main())
 """
 
 
+#: A service that costs this machine nothing, for "zero latency" figures of the client's own
+#: work: it answers caption, detect and point at once (a fixed caption, nothing found)
+#: without decoding the image, as a service on another machine would cost this one nothing.
+#: On a stdin line "times" it prints the arrival times of the requests since the last one.
+STUB_SERVICE = """
+import asyncio, json, sys, time
+from aiohttp import web
+
+times = []
+ANSWERS = {"caption": {"caption": "A photo."}, "detect": {"objects": []}, "point": {"points": []}}
+
+async def answer(request):
+    await request.read()
+    times.append(time.time())
+    return web.json_response(ANSWERS[request.match_info["skill"]])
+
+async def main() -> None:
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_post("/v1/{skill:caption|detect|point}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    print(json.dumps({"base_url": f"http://127.0.0.1:{port}/v1", "api_key": "stub-key"}), flush=True)
+    loop = asyncio.get_running_loop()
+    while (line := await loop.run_in_executor(None, sys.stdin.readline)):
+        if line.strip() == "times":
+            print(json.dumps(times), flush=True)
+            times.clear()
+    await runner.cleanup()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def stub_service_process() -> Iterator[dict[str, str]]:
+    """Run :data:`STUB_SERVICE` in a child process; yield its ``base_url`` and ``api_key``."""
+    child = subprocess.Popen([sys.executable, "-c", STUB_SERVICE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        yield json.loads(child.stdout.readline())
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            child.kill()
+
+
 @contextlib.contextmanager
 def emulator_process(**options: Any) -> Iterator[dict[str, str]]:
     """Run ``FakeMoondream(**options)`` in a child process; yield its URLs and keys (native,

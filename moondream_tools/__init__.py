@@ -56,8 +56,10 @@ from .tools import (
     DescribeResult,
     LocateResult,
     SegmentResult,
+    TimeSpan,
     ToolResult,
     ToolSpec,
+    VideoTimeline,
     VisionTools,
     tool_error_text,
 )
@@ -125,6 +127,8 @@ __all__ = [
     "CountResult",
     "LocateResult",
     "SegmentResult",
+    "VideoTimeline",
+    "TimeSpan",
     "tool_error_text",
     # rendering
     "annotate",

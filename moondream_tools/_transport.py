@@ -42,7 +42,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
 
@@ -74,6 +74,7 @@ __all__ = [
     "RETRY_STATUSES",
     "CallOptions",
     "Limiter",
+    "Pacer",
     "Redactor",
     "ServiceProfile",
     "SessionScope",
@@ -152,21 +153,50 @@ class CallOptions:
 # ---------------------------------------------------------------------- limits
 
 
+@runtime_checkable
+class Pacer(Protocol):
+    """A pace kept outside one process: every request of a :class:`Limiter` with a pacer
+    also waits for :meth:`wait_turn` (after its own concurrency and pacing), and a 429 that
+    pauses the limiter pauses the pacer too. The core defines the protocol and never knows
+    who implements it; ``moondream_tools.ray`` does, with one named actor pacing every
+    worker of a job, so ``requests_per_second`` is the budget of the whole cluster.
+
+    Example::
+
+        class Shared:                       # e.g. backed by a server every process asks
+            async def wait_turn(self) -> None: ...   # return when this request may start
+            def pause(self, seconds: float) -> None: ...  # hold everyone back (a 429)
+
+        md = BackendConfig(backend="moondream").build(pacer=Shared())
+    """
+
+    async def wait_turn(self) -> None:
+        """Return when the next request may be sent."""
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request back for ``seconds`` from now (must not block)."""
+
+
 class Limiter:
     """Concurrency limit (per event loop) plus request pacing shared across loops.
 
     Pacing is a token bucket of capacity one (virtual scheduling): each request takes
     the next free slot ``1 / requests_per_second`` after the previous one. ``pause``
     pushes every future slot back, which is how a 429 slows down the whole client.
+    ``pacer`` (settable): a :class:`Pacer` each request also waits for, after the two
+    limits above (a pace shared with other processes); a pause is passed on to it.
     """
 
-    def __init__(self, max_concurrency: int | None, requests_per_second: float | None) -> None:
+    def __init__(
+        self, max_concurrency: int | None, requests_per_second: float | None, *, pacer: Pacer | None = None
+    ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1, or None for no limit")
         if requests_per_second is not None and not requests_per_second > 0:
             raise ValueError("requests_per_second must be positive, or None for no pacing")
         self.max_concurrency = max_concurrency
         self.interval = 1.0 / requests_per_second if requests_per_second else 0.0
+        self.pacer = pacer
         self._next_slot = 0.0
         self._paused_until = 0.0
         self._lock = threading.Lock()
@@ -185,9 +215,11 @@ class Limiter:
         return semaphore
 
     def pause(self, seconds: float) -> None:
-        """Hold every request back for ``seconds`` from now."""
+        """Hold every request back for ``seconds`` from now (the pacer's too, if any)."""
         with self._lock:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        if self.pacer is not None:
+            self.pacer.pause(seconds)
 
     async def _wait_turn(self) -> None:
         with self._lock:
@@ -197,6 +229,8 @@ class Limiter:
                 self._next_slot = start + self.interval
         if start > now:
             await asyncio.sleep(start - now)
+        if self.pacer is not None:
+            await self.pacer.wait_turn()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._http_backend import HttpBackend
+from ._transport import Pacer
 from .errors import ConfigurationError
 
 __all__ = ["BACKEND_CHOICES", "BackendConfig"]
@@ -64,8 +65,12 @@ class BackendConfig(BaseModel):
             raise ValueError(f"api_key_env must name an environment variable, got {name!r}")
         return name
 
-    def build(self) -> HttpBackend:
+    def build(self, *, pacer: Pacer | None = None) -> HttpBackend:
         """The backend, with its key from the environment of this process.
+
+        ``pacer``: a :class:`~moondream_tools._transport.Pacer` every request also waits for
+        (a pace shared with other processes, e.g. the one ``moondream_tools.ray`` gives all
+        the workers of a job; ``requests_per_second`` above stays this process's own).
 
         Raises:
             ConfigurationError: ``api_key_env`` names a variable that is not set, or the
@@ -88,7 +93,10 @@ class BackendConfig(BaseModel):
                 raise ConfigurationError("model= is for Moondream servers; fal.ai serves one Moondream model")
             from .providers import FalMoondream
 
-            return FalMoondream(key, **options)  # type: ignore[arg-type]
-        from .client import AsyncMoondream
+            backend: HttpBackend = FalMoondream(key, **options)  # type: ignore[arg-type]
+        else:
+            from .client import AsyncMoondream
 
-        return AsyncMoondream(key, model=self.model, **options)  # type: ignore[arg-type]
+            backend = AsyncMoondream(key, model=self.model, **options)  # type: ignore[arg-type]
+        backend._transport.limiter.pacer = pacer
+        return backend

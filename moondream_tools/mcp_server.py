@@ -53,6 +53,7 @@ from .tools import (
     SegmentResult,
     ToolResult,
     ToolSpec,
+    VideoTimeline,
     VisionTools,
     tool_error_text,
 )
@@ -123,6 +124,29 @@ _AT_LEAST = (
 )
 
 
+class TimeSpanOut(_Out):
+    """A stretch of a video in which the object was seen in every sampled frame."""
+
+    start: float = Field(description="Seconds: the first sampled frame it was seen in.")
+    end: float = Field(description="Seconds: the last one.")
+    most: int = Field(description="The most instances in one sampled frame of the stretch.")
+
+
+class TimelineOut(_Out):
+    """When the object appears in a video (count_objects / locate_objects without time)."""
+
+    duration: float = Field(description="The video's length in seconds.")
+    every: float = Field(description="Seconds between the sampled frames.")
+    frames: int = Field(description="Sampled frames answered.")
+    failed: int = Field(description="Sampled frames that could not be read.")
+    spans: list[TimeSpanOut]
+    tracks: int = Field(description="Distinct instances followed across frames.")
+
+
+_TIME = "For a video: the moment (seconds from its start) the result is of; null for an image."
+_TIMELINE = "For a video asked without time: when the object appears (the rest is its busiest moment); else null."
+
+
 class CountPhraseOut(_Out):
     """The count of one further phrase (``more_objects``)."""
 
@@ -130,6 +154,7 @@ class CountPhraseOut(_Out):
     count: int
     at_least: bool = Field(description=_AT_LEAST)
     points: list[PointOut] = Field(description="Each instance's center, in reading order (#1 first).")
+    timeline: TimelineOut | None = Field(default=None, description=_TIMELINE)
 
 
 class CountOut(_Out):
@@ -141,6 +166,8 @@ class CountOut(_Out):
     count: int
     at_least: bool = Field(description=_AT_LEAST)
     points: list[PointOut] = Field(description="Each instance's center, in reading order (#1 first).")
+    timeline: TimelineOut | None = Field(default=None, description=_TIMELINE)
+    time: float | None = Field(default=None, description=_TIME)
     more: list[CountPhraseOut] = Field(description="One entry per further phrase, in the order asked.")
 
 
@@ -151,6 +178,7 @@ class LocatePhraseOut(_Out):
     count: int
     at_least: bool = Field(description=_AT_LEAST)
     boxes: list[BoxOut] = Field(description="Each instance's box, in reading order (#1 first).")
+    timeline: TimelineOut | None = Field(default=None, description=_TIMELINE)
 
 
 class LocateOut(_Out):
@@ -162,6 +190,8 @@ class LocateOut(_Out):
     count: int
     at_least: bool = Field(description=_AT_LEAST)
     boxes: list[BoxOut] = Field(description="Each instance's box, in reading order (#1 first).")
+    timeline: TimelineOut | None = Field(default=None, description=_TIMELINE)
+    time: float | None = Field(default=None, description=_TIME)
     more: list[LocatePhraseOut] = Field(description="One entry per further phrase, in the order asked.")
 
 
@@ -184,6 +214,7 @@ class SegmentOut(_Out):
 
     image: str
     image_size: SizeOut
+    time: float | None = Field(default=None, description=_TIME)
     object: str
     found: bool
     bbox: BoxOut | None = Field(description="The mask's bounding box (null when nothing was found).")
@@ -217,6 +248,7 @@ class DescribeOut(_Out):
 
     image: str
     image_size: SizeOut
+    time: float | None = Field(default=None, description=_TIME)
     caption: str | None
     answer: str | None
     reasoning: str | None = Field(description="The reasoning trace, when reasoning was asked for.")
@@ -292,6 +324,7 @@ def _count_phrase(result: CountResult) -> CountPhraseOut:
         count=result.count,
         at_least=result.capped or unread,
         points=[_point(result.points.points[i], size) for i in order],
+        timeline=_timeline(result.timeline),
     )
 
 
@@ -309,13 +342,18 @@ def _locate_phrase(result: LocateResult, max_objects: int) -> LocatePhraseOut:
         count=len(detections.objects),
         at_least=at_least,
         boxes=[_box(detections.objects[i], size) for i in order],
+        timeline=_timeline(result.timeline),
     )
+
+
+def _timeline(timeline: VideoTimeline | None) -> TimelineOut | None:
+    return None if timeline is None else TimelineOut.model_validate(timeline.model_dump())
 
 
 def _count_out(result: CountResult) -> CountOut:
     first = _count_phrase(result)
     return CountOut(
-        image=result.image, image_size=_size(result.image_size), **first.model_dump(),
+        image=result.image, image_size=_size(result.image_size), time=result.time, **first.model_dump(),
         more=[_count_phrase(r) for r in result.more],
     )
 
@@ -323,7 +361,7 @@ def _count_out(result: CountResult) -> CountOut:
 def _locate_out(result: LocateResult, max_objects: int) -> LocateOut:
     first = _locate_phrase(result, max_objects)
     return LocateOut(
-        image=result.image, image_size=_size(result.image_size), **first.model_dump(),
+        image=result.image, image_size=_size(result.image_size), time=result.time, **first.model_dump(),
         more=[_locate_phrase(r, max_objects) for r in result.more],
     )
 
@@ -337,6 +375,7 @@ def _segment_out(result: SegmentResult) -> SegmentOut:
     return SegmentOut(
         image=result.image,
         image_size=_size(size),
+        time=result.time,
         object=result.object,
         found=found,
         bbox=_box(seg.bbox, size) if found and seg.bbox is not None else None,
@@ -370,6 +409,7 @@ def _describe_out(result: DescribeResult) -> DescribeOut:
     return DescribeOut(
         image=result.image,
         image_size=_size(result.image_size),
+        time=result.time,
         caption=result.caption.caption.strip() if result.caption is not None else None,
         answer=answer.answer.strip() if answer is not None else None,
         reasoning=reasoning.text.strip() if reasoning is not None and reasoning.text.strip() else None,

@@ -108,6 +108,19 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _video_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--every", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+                     help="Videos: one frame every SECONDS (default: every frame)."),
+        click.option("--keyframes", is_flag=True, help="Videos: only the keyframes (fast: nothing else is decoded)."),
+        click.option("--max-frames", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Videos: at most N frames each."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--batch-api", is_flag=True,
@@ -209,6 +222,7 @@ def _run(command: str, options: dict[str, Any], *, arguments: dict[str, Any], ca
             raise click.UsageError(f"--{name.replace('_', '-')} is for --batch-api")
     spec = _check_exports(skill, options)
     sources = _sources(options["inputs"], options["glob_pattern"])
+    videos, video = _videos(skill, options, sources, spec)
     backend = _backend(options)
     if options["model"] is not None:
         arguments = {**arguments, "model": options["model"]}
@@ -219,13 +233,30 @@ def _run(command: str, options: dict[str, Any], *, arguments: dict[str, Any], ca
         asked=asked, index=index, jsonl=jsonl, retry_failed=options["retry_failed"],
         records_to_stdout=jsonl is None and not stdout_tty, table=jsonl is None and stdout_tty,
         progress=sys.stderr.isatty(), quiet=options["quiet"], exports=spec, categories=categories,
-        description=description,
+        description=description, video=video, videos=videos,
     )
     try:
         status = asyncio.run(execute(job))
     except KeyboardInterrupt:  # only before the run's own handlers are in place
         status = 130
     sys.exit(status)
+
+
+def _videos(skill: str, options: dict[str, Any], sources: list[str], spec: ExportSpec) -> tuple[frozenset[str], Any]:
+    """The video inputs and how they are sampled (usage errors for what videos cannot do)."""
+    from .video import VideoOptions, looks_like_video
+
+    every, keyframes, max_frames = options.get("every"), options.get("keyframes", False), options.get("max_frames")
+    if every is not None and keyframes:
+        raise click.UsageError("--every and --keyframes are two ways of sampling a video: give one")
+    videos = frozenset(source for source in sources if looks_like_video(source))
+    if videos and skill == "index":
+        raise click.UsageError(f"index takes images, not videos ({sorted(videos)[0]}): run detect, caption, ... on videos")
+    if videos and (spec.coco is not None or spec.yolo is not None):
+        raise click.UsageError(
+            f"--coco and --yolo export images, not videos ({sorted(videos)[0]}): use --jsonl (a record per frame)"
+        )
+    return videos, VideoOptions(every=every, keyframes=keyframes, max_frames=max_frames)
 
 
 def _run_batch(command: str, options: dict[str, Any], *, asked: Any, categories: list[str], description: str) -> None:
@@ -259,8 +290,15 @@ def _run_batch(command: str, options: dict[str, Any], *, asked: Any, categories:
             " 'moondream-tools batch fetch' has written them"
         )
     from .batch_api import BatchCommand, execute_batch
+    from .video import looks_like_video
 
     sources = _sources(options["inputs"], options["glob_pattern"])
+    for source in sources:
+        if looks_like_video(source):
+            raise click.UsageError(f"--batch-api sends images, not videos ({source}): run without --batch-api")
+    for name in ("every", "keyframes", "max_frames"):
+        if name in options and _given(name):
+            raise click.UsageError(f"--{name.replace('_', '-')} is for videos, which --batch-api does not send")
     client = _backend(options)
     if skill == "caption":
         arguments: dict[str, Any] = {"length": asked.length}
@@ -311,8 +349,10 @@ def cli() -> None:
     http://localhost:2020/v1); --backend fal reads FAL_KEY. Keys are never options.
 
     \b
-    INPUT: image files, directories (searched recursively), http(s) URLs, or '-'
-    for paths read from stdin, one per line.
+    INPUT: image or video files, directories (searched recursively), http(s) URLs,
+    or '-' for paths read from stdin, one per line. A video gives one record per
+    sampled frame (--every, --keyframes, --max-frames) with track ids, then one
+    for the video with its tracks; --annotate writes it annotated (DIR/NAME.annotated.mp4).
     """
 
 
@@ -320,6 +360,7 @@ def cli() -> None:
 @click.option("--length", type=click.Choice(["short", "normal", "long"]), default="normal", show_default=True)
 @_INPUTS
 @_run_options
+@_video_options
 @_batch_options
 @_backend_options
 @_command
@@ -336,6 +377,7 @@ def caption(options: dict[str, Any]) -> None:
 @click.argument("question")
 @_INPUTS
 @_run_options
+@_video_options
 @_batch_options
 @_backend_options
 @_command
@@ -373,6 +415,7 @@ def _object_command(skill: str, doc: str, tiles: bool) -> None:
     command = _command(body)
     command = _backend_options(command)
     command = _batch_options(command)
+    command = _video_options(command)
     command = _run_options(command)
     if tiles:
         command = _tile_options(command)

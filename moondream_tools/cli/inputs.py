@@ -70,14 +70,22 @@ def collect_inputs(
 
 
 def _expand_one(item: str, pattern: str | None) -> list[str]:
-    return [os.fspath(s) for s in expand_sources([item], glob=pattern) if isinstance(s, (str, os.PathLike))]
+    found = [os.fspath(s) for s in expand_sources([item], glob=pattern) if isinstance(s, (str, os.PathLike))]
+    if pattern is None and not is_url(item) and Path(item).is_dir():  # and its videos
+        from .video import VIDEO_SUFFIXES
+
+        videos = (p for p in Path(item).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+        found += sorted(str(p) for p in videos)
+    return found
 
 
 def describe_search(glob: str | None) -> str:
     """What a directory was searched for, for the 'no images' message."""
     if glob is not None:
         return repr(directory_glob(glob))
-    return ", ".join(sorted(f"*{e}" for e in IMAGE_EXTENSIONS))
+    from .video import VIDEO_SUFFIXES
+
+    return ", ".join(sorted(f"*{e}" for e in IMAGE_EXTENSIONS | VIDEO_SUFFIXES))
 
 
 def images_root(sources: Iterable[str]) -> Path | None:

@@ -32,6 +32,7 @@ class Stats:
         requests: skill requests sent (a tiled image counts one per tile).
         seconds: wall time of the run.
         stopped: why the run stopped early (a signal, the server gone), or None.
+        frames: frame records written for video inputs (each video is one input).
     """
 
     total: int = 0
@@ -45,6 +46,7 @@ class Stats:
     repaired: int = 0
     not_started: int = 0
     exports: list[str] = field(default_factory=list)
+    frames: int = 0  # frame records of videos
 
 
 def _plural(n: int, word: str) -> str:
@@ -64,6 +66,9 @@ def summary_text(command: str, stats: Stats) -> str:
         f"moondream-tools {command}: {stats.done} done, {stats.skipped} skipped, {failed} failed{before},"
         f" {_plural(stats.requests, 'request')}, {stats.seconds:.1f} s{rate}"
     )
+    if stats.frames:
+        per = f" ({stats.frames / stats.seconds:.1f} frames/s)" if stats.seconds > 0 else ""
+        text += f"; {_plural(stats.frames, 'video frame')}{per}"
     if stats.not_started:
         text += f"; {stats.not_started} not started"
     return text
@@ -101,9 +106,10 @@ def failures_text(failed: Sequence[Record], *, where: str | None) -> str:
 
 
 class Bar:
-    """A rich progress bar on stderr, or nothing (``enabled=False``)."""
+    """A rich progress bar on stderr, or nothing (``enabled=False``); ``unit`` is what it
+    counts (``"images"``, or ``"frames"`` when the inputs hold videos)."""
 
-    def __init__(self, total: int, description: str, *, enabled: bool) -> None:
+    def __init__(self, total: int, description: str, *, enabled: bool, unit: str = "images") -> None:
         self.enabled = enabled and total > 0
         self._progress: Any = None
         self._task: Any = None
@@ -122,10 +128,12 @@ class Bar:
         )
         from rich.text import Text
 
+        per = "img/s" if unit == "images" else f"{unit}/s"
+
         class Rate(ProgressColumn):
             def render(self, task: Any) -> Text:
                 speed = task.speed
-                return Text(f"{speed:.1f} img/s" if speed else "- img/s", style="progress.data.speed")
+                return Text(f"{speed:.1f} {per}" if speed else f"- {per}", style="progress.data.speed")
 
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -152,6 +160,13 @@ class Bar:
             self._task, advance=1, failed=f"[red]{self._failed} failed[/red]" if self._failed else ""
         )
 
+    def grow(self, delta: int) -> None:
+        """Change the total by ``delta`` (a video gave more or fewer frames than planned)."""
+        if self._progress is None or not delta:
+            return
+        task = self._progress.tasks[0]
+        self._progress.update(self._task, total=max(task.completed, (task.total or 0) + delta))
+
     def print(self, text: str) -> None:
         """A line on stderr above the bar."""
         if self._progress is not None:
@@ -165,6 +180,14 @@ class Bar:
 
 def _result_text(record: Record) -> str:
     skill = record.get("skill")
+    video = record.get("video")
+    if isinstance(video, dict):
+        tracks = record.get("tracks") or []
+        text = f"{video.get('frames', 0)} frames, {_plural(len(tracks), 'track')}"
+        spans = "; ".join(
+            f"#{t['track_id']} {t['first_time']:.1f}-{t['last_time']:.1f} s" for t in tracks[:4]
+        ) + (" ..." if len(tracks) > 4 else "")
+        return text + (f": {spans}" if tracks else "")
     if skill == "caption":
         return record.get("caption") or ""
     if skill == "query":

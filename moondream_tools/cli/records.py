@@ -3,7 +3,9 @@
 A record (see :func:`base_record`) names its input as given (``source``), the image
 (``image_id``: sha256 of its bytes; ``width``/``height``: upright), what was asked
 (``skill``, ``arguments``), the result in normalized and pixel coordinates, and ``error``
-(None on success).
+(None on success). A video input gives one record per sampled frame (with ``frame``,
+``time`` and ``track_ids``) and then its own record (``video``, ``tracks``, ``annotated``):
+see :mod:`moondream_tools.cli.video`.
 
 The file is written by :class:`JsonlWriter`: opened ``O_APPEND`` and each record written
 as one ``os.write`` of the whole line, newline included, so a run killed at any moment
@@ -46,10 +48,14 @@ def record_key(source: str, skill: str, arguments: dict[str, Any]) -> str:
 
 
 def key_of(record: Record) -> str | None:
-    """The key of a record read back, or None when it lacks the fields of one."""
+    """The key of a record read back, or None when it lacks the fields of one. A video's
+    frame record (with ``frame``) has a key of its own, never its video's."""
     source, skill, arguments = record.get("source"), record.get("skill"), record.get("arguments")
     if not isinstance(source, str) or not isinstance(skill, str) or not isinstance(arguments, dict):
         return None
+    frame = record.get("frame")
+    if isinstance(frame, int):
+        return record_key(f"{source}#frame={frame}", skill, arguments)
     return record_key(source, skill, arguments)
 
 

@@ -4,7 +4,9 @@
   skipped (``--retry-failed``: those whose last record is an error are redone).
 - Up to ``concurrency`` inputs are in flight; records are written in input order as soon
   as they and every input before them are done (at most ``4 x concurrency`` finished
-  records wait for a slow one before them).
+  records wait for a slow one before them). A video is run on its own, up to
+  ``concurrency`` of its frames in flight, its frame records in frame order, then its own
+  record (see :mod:`moondream_tools.cli.video`); the progress bar then counts frames.
 - SIGINT / SIGTERM: no new input is started, the ones in flight finish and are written,
   the summary is printed, and the exit status is 130 / 143. A second signal cancels the
   inputs in flight (they are not recorded; a rerun does them).
@@ -32,6 +34,7 @@ from .exports import ExportSpec, run_exports
 from .progress import Bar, Stats, failures_text, print_table, summary_text
 from .records import FileBusyError, JsonlWriter, Loaded, Record, dumps, load_jsonl, record_key
 from .skills import Asked, RunState, index_record, message, run_one
+from .video import VideoOptions, run_video, video_arguments
 
 __all__ = ["IndexOptions", "Job", "execute", "open_records"]
 
@@ -70,13 +73,19 @@ class Job:
     exports: ExportSpec = field(default_factory=ExportSpec)
     categories: list[str] = field(default_factory=list)
     description: str = ""
+    video: VideoOptions = field(default_factory=VideoOptions)
+    videos: frozenset[str] = frozenset()  # the sources that are videos
 
     @property
     def skill(self) -> str:
         return "index" if self.asked is None else self.asked.skill
 
+    def arguments_for(self, source: str) -> dict[str, Any]:
+        """The recorded arguments of an input (a video's include its sampling)."""
+        return video_arguments(self.arguments, self.video) if source in self.videos else self.arguments
+
     def key(self, source: str) -> str:
-        return record_key(source, self.skill, self.arguments)
+        return record_key(source, self.skill, self.arguments_for(source))
 
 
 class SignalHandlers:
@@ -237,6 +246,65 @@ async def _run_index(job: Job, state: RunState, todo: list[str], emit: Callable[
         task.result()
 
 
+async def _run_inputs(
+    job: Job, state: RunState, todo: list[str], emit: Callable[[Record], None], emit_frame: Callable[[Record], None],
+    stopper: _Stopper, on_video: Callable[[str, int], None],
+) -> None:
+    """The inputs in order: runs of images concurrently, each video on its own (its frames
+    concurrently); ``on_video(source, frames)`` after each video."""
+    assert job.asked is not None
+    start = 0
+    while start < len(todo):
+        if stopper.requested or state.server_gone:
+            if state.server_gone and stopper.reason is None:
+                stopper.reason = (
+                    f"the last {state.failure_streak} inputs failed the same way ({state.last_failure});"
+                    " no new inputs were started"
+                )
+            return
+        source = todo[start]
+        if source in job.videos:
+            stopper.in_flight = lambda: 1
+            record = await run_video(
+                state, job.asked, source, job.arguments_for(source), job.video, concurrency=job.concurrency,
+                annotate=job.exports.annotate, emit_frame=emit_frame, stop=lambda: stopper.requested,
+            )
+            on_video(source, (record.get("video") or {}).get("frames", 0))
+            emit(record)
+            start += 1
+            continue
+        end = start
+        while end < len(todo) and todo[end] not in job.videos:
+            end += 1
+        await _run_skill(job, state, todo[start:end], emit, stopper)
+        start = end
+
+
+async def _frames_planned(job: Job, videos: list[str]) -> dict[str, int]:
+    """About how many frames each video gives, for the progress bar (corrected once the
+    video is done; 0 for a video that cannot be read)."""
+    import math
+
+    from ..errors import ImageError
+    from ..video import probe_video
+
+    planned: dict[str, int] = {}
+    for source in videos:
+        try:
+            info = await probe_video(source)
+        except ImageError:
+            planned[source] = 0
+            continue
+        if job.video.every is not None:
+            frames = max(1, math.ceil(info.duration / job.video.every - 1e-9))
+        elif job.video.keyframes:
+            frames = max(1, round(info.duration))  # unknown before decoding: about one a second
+        else:
+            frames = info.frames
+        planned[source] = min(frames, job.video.max_frames or frames)
+    return planned
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -299,7 +367,11 @@ async def _execute(job: Job, stopper: _Stopper, start: float) -> int:
     planned = len(todo)
     if stopper.signum is not None:  # a signal while the file was read: start nothing
         todo = []
-    with Bar(len(todo), f"{job.command}", enabled=job.progress and not job.quiet) as bar:
+    videos = [source for source in todo if source in job.videos]
+    estimates = await _frames_planned(job, videos) if videos and job.progress and not job.quiet else {}
+    total = len(todo) - len(videos) + sum(estimates.values())
+    unit = "frames" if videos else "images"
+    with Bar(total, f"{job.command}", enabled=job.progress and not job.quiet, unit=unit) as bar:
         say = stopper.say = bar.print
         state = RunState(job.backend, _settings(job))
 
@@ -314,13 +386,25 @@ async def _execute(job: Job, stopper: _Stopper, start: float) -> int:
             if job.records_to_stdout:
                 sys.stdout.write(dumps(record))
                 sys.stdout.flush()
+            if record["source"] not in job.videos:
+                bar.advance(record)
+
+        def emit_frame(record: Record) -> None:
+            """A video's frame record: written, not an input of its own."""
+            stats.frames += 1
+            if writer is not None:
+                writer.write(record)
+            if job.records_to_stdout:
+                sys.stdout.write(dumps(record))
+                sys.stdout.flush()
             bar.advance(record)
 
         status: int | None = None
         try:
             if todo:
                 if job.asked is not None:
-                    await _run_skill(job, state, todo, emit, stopper)
+                    await _run_inputs(job, state, todo, emit, emit_frame, stopper, on_video=lambda source, frames: bar.grow(
+                        frames - estimates.get(source, frames)))
                 else:
                     await _run_index(job, state, todo, emit, stopper)
         except BrokenPipeError:
@@ -338,10 +422,13 @@ async def _execute(job: Job, stopper: _Stopper, start: float) -> int:
         stats.not_started = planned - stats.done if stopper.requested or status is not None else 0
         interrupted = status is not None
         ordered = [final[k] for k in dict.fromkeys(job.key(s) for s in job.sources) if k in final]
+        images = [r for r in ordered if r["source"] not in job.videos]  # videos wrote their own annotation
         try:
-            if job.exports.any and stopper.signum is None and not interrupted:
+            if job.exports.any and not images:
+                pass
+            elif job.exports.any and stopper.signum is None and not interrupted:
                 stats.exports, exported = await run_exports(
-                    job.exports, ordered, job.categories, fresh=fresh, description=job.description, load=state.read,
+                    job.exports, images, job.categories, fresh=fresh, description=job.description, load=state.read,
                 )
                 if not exported:
                     status = 1

@@ -18,6 +18,7 @@ from .text import read_text
 from .server import FakeMoondream, RecordedRequest
 from .providers import FormFile
 from .batch import BatchRecord, BatchUpload
+from .video import MovingShape, VideoScene
 
 __all__ = [
     "BatchRecord",
@@ -28,12 +29,14 @@ __all__ = [
     "FakeMoondream",
     "FormFile",
     "Found",
+    "MovingShape",
     "RecordedRequest",
     "Scene",
     "Shape",
     "ShapeTruth",
     "Text",
     "TextTruth",
+    "VideoScene",
     "analyze",
     "matches",
     "parse_phrase",

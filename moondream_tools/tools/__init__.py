@@ -26,7 +26,9 @@ Submodules:
 
 - :mod:`.specs`: the argument models, :class:`ToolSpec` and :data:`TOOL_SPECS`;
 - :mod:`.texts`: the result models, the texts an agent reads and :func:`tool_error_text`;
-- :mod:`.vision`: :class:`VisionTools`, :data:`VISION_OPTIONS` and :data:`DEFAULT_MAX_OBJECTS`.
+- :mod:`.vision`: :class:`VisionTools`, :data:`VISION_OPTIONS` and :data:`DEFAULT_MAX_OBJECTS`;
+- :mod:`.videos`: registered videos, asked about at a moment (``time``) or over their whole
+  length (:class:`VideoTimeline`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from .texts import (
     DescribeResult,
     LocateResult,
     SegmentResult,
+    TimeSpan,
     ToolResult,
+    VideoTimeline,
     tool_error_text,
 )
 from .attach import AttachedImage
@@ -60,6 +64,8 @@ __all__ = [
     "CountResult",
     "LocateResult",
     "SegmentResult",
+    "VideoTimeline",
+    "TimeSpan",
     "DescribeImageArgs",
     "CountObjectsArgs",
     "LocateObjectsArgs",

@@ -25,6 +25,14 @@ _IMAGE_FIELD = (
     "a local file path inside an allowed directory, or an http(s) URL if URLs are enabled."
 )
 _OBJECT_FIELD = "What to look for, as a short noun phrase, e.g. 'person', 'red car', 'the left dog'."
+_TIME_FIELD = (
+    "Only for a registered video (e.g. 'vid_1'): the moment to look at, in seconds from its start. "
+    "Needed for a video; leave empty for images."
+)
+_TIME_TIMELINE_FIELD = (
+    "Only for a registered video (e.g. 'vid_1'): the moment to look at, in seconds from its start. "
+    "Leave empty for images, and on a video to find when the object appears (time ranges)."
+)
 
 
 class DescribeImageArgs(_Args):
@@ -50,6 +58,7 @@ class DescribeImageArgs(_Args):
             "of them (compare them, find the difference, which one shows X). Needs a question."
         ),
     )
+    time: float | None = Field(default=None, ge=0, description=_TIME_FIELD)
 
 
 _MORE_OBJECTS_FIELD = (
@@ -64,6 +73,7 @@ class CountObjectsArgs(_Args):
     image: str = Field(description=_IMAGE_FIELD)
     object: str = Field(description=_OBJECT_FIELD)
     more_objects: list[str] | None = Field(default=None, max_length=7, description=_MORE_OBJECTS_FIELD)
+    time: float | None = Field(default=None, ge=0, description=_TIME_TIMELINE_FIELD)
 
 
 class LocateObjectsArgs(_Args):
@@ -72,6 +82,7 @@ class LocateObjectsArgs(_Args):
     image: str = Field(description=_IMAGE_FIELD)
     object: str = Field(description=_OBJECT_FIELD)
     more_objects: list[str] | None = Field(default=None, max_length=7, description=_MORE_OBJECTS_FIELD)
+    time: float | None = Field(default=None, ge=0, description=_TIME_TIMELINE_FIELD)
 
 
 class SegmentObjectArgs(_Args):
@@ -91,6 +102,7 @@ class SegmentObjectArgs(_Args):
         max_length=4,
         description="Optional [x_min, y_min, x_max, y_max] pixel box around the object.",
     )
+    time: float | None = Field(default=None, ge=0, description=_TIME_FIELD)
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,8 @@ TOOL_SPECS: Mapping[str, ToolSpec] = MappingProxyType(
                     "whenever you need to know what an image contains. The image argument is a "
                     "registered image name such as 'img_1', an allowed local path, or an http(s) "
                     "URL if enabled. To compare 2-4 images, ask one question with more_images. "
-                    "For exact counts use count_objects; for positions use locate_objects."
+                    "For exact counts use count_objects; for positions use locate_objects. For a "
+                    "registered video (e.g. 'vid_1') give time in seconds."
                 ),
                 args_schema=DescribeImageArgs,
                 method="describe",
@@ -135,7 +148,9 @@ TOOL_SPECS: Mapping[str, ToolSpec] = MappingProxyType(
                     "describe_image for numbers. Returns the count, the image size and each "
                     "instance's center in pixels with a position word; says 'at least N' when the "
                     "result hit the limit. The image argument is a registered image name such as "
-                    "'img_1', an allowed local path, or an http(s) URL if enabled."
+                    "'img_1', an allowed local path, or an http(s) URL if enabled. On a registered "
+                    "video (e.g. 'vid_1') give time in seconds for one moment, or none to learn when "
+                    "the object appears and how many at most."
                 ),
                 args_schema=CountObjectsArgs,
                 method="count",
@@ -148,7 +163,9 @@ TOOL_SPECS: Mapping[str, ToolSpec] = MappingProxyType(
                     "with a position word and normalized [0-1] coordinates. Use it to answer "
                     "'where is', to compare positions or sizes, or to get a box for "
                     "segment_object. The image argument is a registered image name such as "
-                    "'img_1', an allowed local path, or an http(s) URL if enabled."
+                    "'img_1', an allowed local path, or an http(s) URL if enabled. On a registered "
+                    "video (e.g. 'vid_1') give time in seconds for one moment, or none to learn when "
+                    "the object appears."
                 ),
                 args_schema=LocateObjectsArgs,
                 method="locate",
@@ -161,7 +178,8 @@ TOOL_SPECS: Mapping[str, ToolSpec] = MappingProxyType(
                     "regions it has. Use it for sizes, coverage ('how much of the image is "
                     "sky') or shapes. Give point or box (pixels, e.g. from locate_objects) to "
                     "pick one of several instances. The image argument is a registered image "
-                    "name such as 'img_1', an allowed local path, or an http(s) URL if enabled."
+                    "name such as 'img_1', an allowed local path, or an http(s) URL if enabled. "
+                    "For a registered video (e.g. 'vid_1') give time in seconds."
                 ),
                 args_schema=SegmentObjectArgs,
                 method="segment",

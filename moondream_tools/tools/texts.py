@@ -44,7 +44,34 @@ class ToolResult(BaseModel):
     image: str
     image_size: ImageSize
     text: str
+    time: float | None = Field(
+        default=None, description="For a video: the moment (seconds from its start) this result is of."
+    )
     annotated_png: bytes | None = Field(default=None, repr=False)
+
+
+class TimeSpan(BaseModel):
+    """A stretch of a video in which an object was seen in every sampled frame."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: float = Field(description="Seconds: the first sampled frame of the stretch it was seen in.")
+    end: float = Field(description="Seconds: the last one.")
+    most: int = Field(description="The most instances seen in one sampled frame of the stretch.")
+
+
+class VideoTimeline(BaseModel):
+    """When an object appears in a video, from frames sampled every ``every`` seconds
+    (``count_objects`` / ``locate_objects`` on a video handle without ``time``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    duration: float = Field(description="The video's length in seconds.")
+    every: float = Field(description="Seconds between the sampled frames.")
+    frames: int = Field(description="Sampled frames answered.")
+    failed: int = Field(description="Sampled frames whose request failed (not in the spans).")
+    spans: list[TimeSpan] = Field(description="The stretches in which the object was seen, in order.")
+    tracks: int = Field(description="Distinct instances followed across frames (track ids).")
 
 
 class DescribeResult(ToolResult):
@@ -63,13 +90,16 @@ class CountResult(ToolResult):
     """``count_objects``: the number found, whether it hit the limit, and the points.
 
     With further phrases (``more_objects``), ``more`` holds one ``CountResult`` per further
-    phrase, in the order asked, and ``text`` is the texts of all, one line per phrase.
+    phrase, in the order asked, and ``text`` is the texts of all, one line per phrase. On a
+    video without ``time``, ``timeline`` says when the object appears and the count and
+    points are those of the sampled moment (``time``) it was most numerous.
     """
 
     object: str
     count: int
     capped: bool
     points: Points
+    timeline: VideoTimeline | None = None
     more: list[CountResult] = Field(default_factory=list)
 
 
@@ -77,11 +107,14 @@ class LocateResult(ToolResult):
     """``locate_objects``: the boxes found (``detections``), in reading order in ``text``.
 
     With further phrases (``more_objects``), ``more`` holds one ``LocateResult`` per further
-    phrase, in the order asked, and ``text`` is the texts of all, one line per phrase.
+    phrase, in the order asked, and ``text`` is the texts of all, one line per phrase. On a
+    video without ``time``, ``timeline`` says when the object appears and the boxes are
+    those of the sampled moment (``time``) it was most numerous.
     """
 
     object: str
     detections: Detections
+    timeline: VideoTimeline | None = None
     more: list[LocateResult] = Field(default_factory=list)
 
 
@@ -198,6 +231,31 @@ def _segment_text(name: str, obj: str, segmentation: Segmentation) -> str:
         if segmentation.capped:
             text += " It hit its mask limit; there may be more."
     return text
+
+
+def _moment(name: str, time: float | None) -> str:
+    """How a text names an image, or a video at a moment: ``img_1``, ``vid_1 at 3.5 s``."""
+    return name if time is None else f"{name} at {time:g} s"
+
+
+def _timeline_text(name: str, obj: str, timeline: VideoTimeline, size: ImageSize, peak_text: str) -> str:
+    """When ``obj`` appears in the video ``name``, then the text of its busiest moment."""
+    head = (
+        f"{name} ({timeline.duration:.1f} s video, {size.width}x{size.height} px;"
+        f" {timeline.frames} frames sampled every {timeline.every:g} s)"
+    )
+    failed = f" {timeline.failed} sampled frames could not be read." if timeline.failed else ""
+    if not timeline.spans:
+        return f'No "{obj}" seen in {head}.{failed}'
+    spans = ", ".join(
+        f"{s.start:g}-{s.end:g} s" if s.end > s.start else f"at {s.start:g} s" for s in timeline.spans
+    )
+    plural = "s" if timeline.tracks != 1 else ""
+    tracks = f", {timeline.tracks} instance{plural} tracked across frames" if timeline.tracks else ""
+    return (
+        f'"{obj}" seen in {head} during {spans}{tracks}.{failed} Busiest moment: {peak_text}'
+        " Give time= (seconds) to look at another moment."
+    )
 
 
 def _describe_several_text(names: list[str], sizes: list[ImageSize], answer: Answer) -> str:

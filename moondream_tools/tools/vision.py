@@ -34,8 +34,11 @@ from .texts import (
     _describe_several_text,
     _describe_text,
     _locate_text,
+    _moment,
     _segment_text,
+    _timeline_text,
 )
+from .videos import RegisteredVideo, check_video, timeline_of
 
 DEFAULT_MAX_OBJECTS = 250
 
@@ -119,6 +122,7 @@ class VisionTools:
         self.tiling = tiling
         self.max_tiles = max_tiles
         self.images = image_store if image_store is not None else ImageStore()
+        self._videos: dict[str, RegisteredVideo] = {}
 
     @classmethod
     def from_options(
@@ -184,12 +188,47 @@ class VisionTools:
             tools.add_image("scan.png", name="receipt")       # "receipt"
         """
         if name is None:
-            taken = set(self.images.names)
-            n = len(taken) + 1
-            while f"img_{n}" in taken:
-                n += 1
-            name = f"img_{n}"
+            name = _free_name("img", self.images.names, {*self.images.names, *self._videos})
+        elif name in self._videos:
+            raise ValueError(f"{name!r} names a registered video; remove_video({name!r}) first or pick another name")
         return self.images.put(image, name=check_handle(name))
+
+    def add_video(self, video: str | os.PathLike[str] | bytes, name: str | None = None) -> str:
+        """Register a video (a local file or its bytes; the application's, so trusted) under
+        a handle an agent can use; return the handle (``vid_1``, ``vid_2``, ... by default).
+
+        The tools take ``time`` (seconds) for a video: ``describe_image`` and
+        ``segment_object`` look at the frame shown then (and need it); ``count_objects``
+        and ``locate_objects`` do too, and without ``time`` sample the whole video and say
+        when the object appears (``result.timeline``). Needs the ``video`` extra (PyAV).
+
+        Raises:
+            ImageError: not a video PyAV can read.
+
+        Example::
+
+            clip = tools.add_video("dashcam.mp4")                       # "vid_1"
+            (await tools.locate(clip, "car")).text                      # when cars appear
+            (await tools.describe(clip, "What is the light?", time=12.5)).text
+        """
+        source = check_video(video)
+        if name is None:
+            name = _free_name("vid", list(self._videos), {*self.images.names, *self._videos})
+        elif name in self.images.names:
+            raise ValueError(f"{name!r} names a registered image; remove_image({name!r}) first or pick another name")
+        self._videos[check_handle(name)] = RegisteredVideo(source)
+        return name
+
+    def remove_video(self, name: str) -> None:
+        """Forget a registered video (a ``KeyError`` for a name that is not one)."""
+        if name not in self._videos:
+            raise KeyError(f"no video is registered as {name!r}; videos: {', '.join(self._videos) or 'none'}")
+        del self._videos[name]
+
+    @property
+    def video_names(self) -> list[str]:
+        """The registered video handles, in registration order."""
+        return list(self._videos)
 
     async def attach(self, source: bytes | str | os.PathLike[str]) -> AttachedImage:
         """Store an image a user attached (its bytes, a ``data:`` URL, an ``http(s)`` URL
@@ -234,22 +273,38 @@ class VisionTools:
         return self.images.names
 
     def _unknown_handle(self, reference: str) -> ImageAccessError:
-        names = ", ".join(self.images.names) or "none"
+        names = ", ".join([*self.images.names, *self._videos]) or "none"
         also = f" or a path under {self.policy._where()}" if self.policy.allowed_dirs else ""
         return ImageAccessError(f"image {reference!r} is not registered; registered: {names}{also}")
 
-    async def _resolve(self, reference: str) -> PreparedImage:
-        return (await self._open(reference))[1]
+    async def _resolve(self, reference: str, time: float | None = None) -> PreparedImage:
+        return (await self._open(reference, time))[1]
 
-    async def _open(self, reference: str) -> tuple[ImageInput, PreparedImage, ImageSettings]:
+    def _video(self, reference: str) -> RegisteredVideo | None:
+        return self._videos.get(reference.strip()) if isinstance(reference, str) else None
+
+    async def _open(self, reference: str, time: float | None = None) -> tuple[ImageInput, PreparedImage, ImageSettings]:
         """One pass down: registry or policy -> a trusted source -> the backend prepares it.
 
         Returns the trusted source (what tiling crops from), the prepared image, and the
         image settings it was read under (the policy's limits for a model-named image).
+        A video handle with ``time`` gives the frame shown then.
         """
         if not isinstance(reference, str) or not reference.strip():
             raise ImageAccessError("image must be a non-empty string naming an image")
         reference = reference.strip()
+        video = self._videos.get(reference)
+        if video is not None:
+            if time is None:
+                info = await video.info()
+                raise ToolArgumentsError(
+                    f"{reference} is a video ({info.duration:.1f} s): give time= (seconds from its start) to look at"
+                    " one moment, or call count_objects / locate_objects without time to find when something appears"
+                )
+            frame = await video.frame(reference, time)
+            return frame, await self.backend.prepare(frame), self.backend.image_settings
+        if time is not None:
+            raise ToolArgumentsError(f"time is for videos; {reference!r} is an image (leave time empty)")
         source = self.images.get(reference)  # ImageAccessError when it was evicted
         if source is not None:
             return source, await self.backend.prepare(source), self.backend.image_settings
@@ -281,8 +336,10 @@ class VisionTools:
         length: CaptionLength = "normal",
         reasoning: bool = False,
         more_images: Sequence[str] | None = None,
+        time: float | None = None,
     ) -> DescribeResult:
         """``describe_image``: a caption, or the answer to ``question`` (with reasoning).
+        ``time``: for a video handle, the moment to look at (seconds; needed for videos).
 
         With ``more_images`` (up to 3 further handles), one question about all the images at
         once goes to the backend's chat endpoint (each image prepared once, at the skill
@@ -295,10 +352,12 @@ class VisionTools:
             diff = await tools.describe("before", question="What changed?", more_images=["after"])
         """
         if more_images:
+            if time is not None:
+                raise ToolArgumentsError("time is for one video moment; ask about several images without time")
             return await self._describe_several(image, question, list(more_images), reasoning)
         asks = (question is not None and bool(question.strip())) or reasoning
         require_skill(self.backend, "query" if asks else "caption")
-        prepared = await self._resolve(image)
+        prepared = await self._resolve(image, time)
         caption: Caption | None = None
         answer: Answer | None = None
         if question is not None and question.strip():
@@ -319,7 +378,8 @@ class VisionTools:
             tool="describe_image",
             image=image,
             image_size=prepared.size,
-            text=_describe_text(image, prepared.size, caption, answer),
+            time=time,
+            text=_describe_text(_moment(image, time), prepared.size, caption, answer),
             caption=caption,
             answer=answer,
             annotated_png=png,
@@ -334,7 +394,7 @@ class VisionTools:
             raise ToolArgumentsError(f"more_images takes at most 3 images, got {len(more)}")
         require_skill(self.backend, "chat")
         names = [image, *more]
-        prepared = [await self._resolve(name) for name in names]
+        prepared = [await self._resolve(name) for name in names]  # a video without time: its error
         content: list[dict[str, Any]] = [
             {"type": "image_url", "image_url": {"url": p.data_url}} for p in prepared
         ]
@@ -358,11 +418,15 @@ class VisionTools:
             more_image_sizes=[p.size for p in prepared[1:]],
         )
 
-    async def count(self, image: str, object: str, *, more_objects: Sequence[str] | None = None) -> CountResult:
+    async def count(
+        self, image: str, object: str, *, more_objects: Sequence[str] | None = None, time: float | None = None
+    ) -> CountResult:
         """``count_objects``: count ``object`` (and any ``more_objects``) with the point skill.
 
         Each phrase is one request, all at once, on one prepared image; the result for
-        ``object`` carries the others in ``more`` and a text with one line per phrase.
+        ``object`` carries the others in ``more`` and a text with one line per phrase. On a
+        video handle: the frame at ``time``, or without it a pass over the whole video
+        (``result.timeline``: when each phrase appears; the count at its busiest moment).
 
         Example::
 
@@ -373,15 +437,19 @@ class VisionTools:
         """
         require_skill(self.backend, "point")
         phrases = _phrases(object, more_objects)
-        tiled, prepared = await self._tiles(image)
-        results = await _each(phrases, lambda phrase: self._count_one(image, phrase, tiled, prepared))
+        video = self._video(image)
+        if video is not None and time is None:
+            results = await _each(phrases, lambda phrase: self._count_video(image, video, phrase))
+            return _grouped(results, None)
+        tiled, prepared = await self._tiles(image, time)
+        results = await _each(phrases, lambda phrase: self._count_one(image, phrase, tiled, prepared, time))
         png = await self._annotate(prepared, *(r.points for r in results))
         return _grouped(results, png)
 
-    async def _tiles(self, image: str) -> tuple[TiledImage | None, PreparedImage]:
+    async def _tiles(self, image: str, time: float | None = None) -> tuple[TiledImage | None, PreparedImage]:
         """The prepared image, and the image cut into tiles when it is large enough to tile
         (read once, under the same limits, for every phrase of the call)."""
-        source, prepared, settings = await self._open(image)
+        source, prepared, settings = await self._open(image, time)
         plan = plan_tiles(prepared.width, prepared.height, tiling=self.tiling, max_tiles=self.max_tiles)
         if plan.requests == 1 or isinstance(source, PreparedImage):  # a PreparedImage is the upload only
             return None, prepared
@@ -391,7 +459,7 @@ class VisionTools:
         return tiled, prepared
 
     async def _count_one(
-        self, image: str, object: str, tiled: TiledImage | None, prepared: PreparedImage
+        self, image: str, object: str, tiled: TiledImage | None, prepared: PreparedImage, time: float | None
     ) -> CountResult:
         points: Points
         if tiled is not None:
@@ -404,16 +472,40 @@ class VisionTools:
             tool="count_objects",
             image=image,
             image_size=prepared.size,
-            text=_count_text(image, object, points, capped, self.max_objects),
+            time=time,
+            text=_count_text(_moment(image, time), object, points, capped, self.max_objects),
             object=object,
             count=len(points.points),
             capped=capped,
             points=points,
         )
 
-    async def locate(self, image: str, object: str, *, more_objects: Sequence[str] | None = None) -> LocateResult:
+    async def _count_video(self, image: str, video: RegisteredVideo, object: str) -> CountResult:
+        timeline, peak = await timeline_of(self.backend, video, "point", object, self.max_objects)
+        points = peak.result
+        assert isinstance(points, Points)
+        capped = len(points.points) >= self.max_objects
+        busiest = _count_text(_moment(image, peak.time), object, points, capped, self.max_objects)
+        return CountResult(
+            tool="count_objects",
+            image=image,
+            image_size=peak.image_size,
+            time=peak.time,
+            text=_timeline_text(image, object, timeline, peak.image_size, busiest),
+            object=object,
+            count=len(points.points),
+            capped=capped,
+            points=points,
+            timeline=timeline,
+        )
+
+    async def locate(
+        self, image: str, object: str, *, more_objects: Sequence[str] | None = None, time: float | None = None
+    ) -> LocateResult:
         """``locate_objects``: boxes of every ``object`` (and any ``more_objects``), in pixels
-        and reading order; one request per phrase, all at once.
+        and reading order; one request per phrase, all at once. On a video handle: the frame
+        at ``time``, or without it a pass over the whole video (``result.timeline``: when
+        each phrase appears; the boxes of its busiest moment).
 
         Example::
 
@@ -422,13 +514,17 @@ class VisionTools:
         """
         require_skill(self.backend, "detect")
         phrases = _phrases(object, more_objects)
-        tiled, prepared = await self._tiles(image)
-        results = await _each(phrases, lambda phrase: self._locate_one(image, phrase, tiled, prepared))
+        video = self._video(image)
+        if video is not None and time is None:
+            results = await _each(phrases, lambda phrase: self._locate_video(image, video, phrase))
+            return _grouped(results, None)
+        tiled, prepared = await self._tiles(image, time)
+        results = await _each(phrases, lambda phrase: self._locate_one(image, phrase, tiled, prepared, time))
         png = await self._annotate(prepared, *(r.detections for r in results))
         return _grouped(results, png)
 
     async def _locate_one(
-        self, image: str, object: str, tiled: TiledImage | None, prepared: PreparedImage
+        self, image: str, object: str, tiled: TiledImage | None, prepared: PreparedImage, time: float | None
     ) -> LocateResult:
         detections: Detections
         if tiled is not None:
@@ -439,9 +535,26 @@ class VisionTools:
             tool="locate_objects",
             image=image,
             image_size=prepared.size,
-            text=_locate_text(image, object, detections),
+            time=time,
+            text=_locate_text(_moment(image, time), object, detections),
             object=object,
             detections=detections,
+        )
+
+    async def _locate_video(self, image: str, video: RegisteredVideo, object: str) -> LocateResult:
+        timeline, peak = await timeline_of(self.backend, video, "detect", object, self.max_objects)
+        detections = peak.result
+        assert isinstance(detections, Detections)
+        busiest = _locate_text(_moment(image, peak.time), object, detections)
+        return LocateResult(
+            tool="locate_objects",
+            image=image,
+            image_size=peak.image_size,
+            time=peak.time,
+            text=_timeline_text(image, object, timeline, peak.image_size, busiest),
+            object=object,
+            detections=detections,
+            timeline=timeline,
         )
 
     async def segment(
@@ -451,8 +564,10 @@ class VisionTools:
         *,
         point: Sequence[float] | None = None,
         box: Sequence[float] | None = None,
+        time: float | None = None,
     ) -> SegmentResult:
         """``segment_object``: the mask of ``object``; ``point``/``box`` (pixels) pick one.
+        ``time``: for a video handle, the moment to segment (seconds; needed for videos).
 
         Example::
 
@@ -466,7 +581,7 @@ class VisionTools:
                 "segment", backend_name(segmenter), segmenter.skills,
                 hint="Pass VisionTools(..., segment_backend=...) a backend that can segment.",
             )
-        prepared = await self._resolve(image)
+        prepared = await self._resolve(image, time)
         size = prepared.size
         refs: list[list[float]] = []
         if point is not None:
@@ -481,7 +596,8 @@ class VisionTools:
             tool="segment_object",
             image=image,
             image_size=size,
-            text=_segment_text(image, object, segmentation),
+            time=time,
+            text=_segment_text(_moment(image, time), object, segmentation),
             object=object,
             segmentation=segmentation,
             annotated_png=annotated,
@@ -531,6 +647,15 @@ class VisionTools:
 
 
 _R = TypeVar("_R", CountResult, LocateResult)
+
+
+def _free_name(prefix: str, kind: Sequence[str], taken: set[str]) -> str:
+    """The first ``<prefix>_<n>`` not ``taken``, counting from the number of names of its
+    ``kind`` + 1."""
+    n = len(kind) + 1
+    while f"{prefix}_{n}" in taken:
+        n += 1
+    return f"{prefix}_{n}"
 
 
 def _phrases(object: str, more: Sequence[str] | None) -> list[str]:

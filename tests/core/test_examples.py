@@ -80,3 +80,48 @@ def test_chat_with_images_example_counts_the_attached_photo_across_turns_and_a_r
         assert f"Agent: {answer}" in part and answer.split()[2] == str(n)
     assert "!!" not in out
     assert f"the photo is kept as: [image {handle}: {scene.width}x{scene.height} px]" in after
+
+
+def test_video_tracks_example_tracks_the_moving_shapes_and_writes_the_clip(tmp_path: Path) -> None:
+    import importlib.util
+
+    import av
+
+    spec = importlib.util.spec_from_file_location("video_tracks", EXAMPLES / "video_tracks.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    clip = example.synthetic_clip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOONDREAM_", "FAL_", "AIGATEWAY_"))}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(EXAMPLES / "video_tracks.py")], env={**env, "VIDEO_TRACKS_OUT": str(tmp_path)},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "Video: 240x320 upright (rotation 270), 30 frames, 3.0 s at 10 fps, h264" in out
+    assert "Detected 'shape' in 15 frames (every 0.2 s), 0 failed." in out
+    tracks = re.findall(r"#(\d+) shape: ([\d.]+)-([\d.]+) s, (\d+) frames, mean box \((\d+), (\d+)\) - \((\d+), (\d+)\) px", out)
+    assert len(tracks) == 3
+    times = [round(0.2 * k, 1) for k in range(15)]
+    for label, (track_id, first, last, frames, *box) in zip(("red square", "green triangle", "blue circle"), tracks):
+        seen = [t for t in times if any(s.label == label for s in clip.at(t).truth())][1:]  # confirmed on its 2nd frame
+        assert (float(first), float(last), int(frames)) == (seen[0], seen[-1], len(seen)), label
+        truth = [next(s for s in clip.at(t).truth() if s.label == label).bbox_px for t in seen]
+        mean = [sum(b[i] for b in truth) / len(truth) for i in range(4)]
+        assert all(abs(int(a) - b) <= 2 for a, b in zip(box, mean)), (label, box, mean)
+    with av.open(str(tmp_path / "portrait-tracks.mp4")) as container:
+        decoded = list(container.decode(video=0))
+    assert len(decoded) == 15 and {(f.width, f.height) for f in decoded} == {(240, 320)}
+    assert "Annotated clip: 15 frames, 240x320, libx264" in out
+
+
+def test_ray_batch_example_labels_the_folder_on_a_local_cluster() -> None:
+    """examples/ray_batch.py: a local Ray cluster, two actors, the README's job; every scene's
+    circles as the scene says, the corrupt file as an error row."""
+    out = run("ray_batch.py")
+    assert out.startswith("Indexed 7 images on 2 Ray actors (18 requests, at most 20/s for the job):")
+    assert "corrupt.jpg: error: image: not an image" in out
+    for i, seed in enumerate(range(7, 13)):
+        n = Scene.random(seed, width=960, height=640, count=4).count("circle")
+        assert f"scene{i}.jpg: 960x640 px, {n} circle(s) (truth {n})" in out

@@ -320,11 +320,15 @@ def test_specs_are_what_models_need() -> None:
         assert "image" in schema["required"]
         assert all(prop.get("description") for prop in schema["properties"].values())
     assert set(TOOL_SPECS["describe_image"].args_schema.model_fields) == {
-        "image", "question", "length", "reasoning", "more_images"
+        "image", "question", "length", "reasoning", "more_images", "time"
     }
-    assert set(TOOL_SPECS["segment_object"].args_schema.model_fields) == {"image", "object", "point", "box"}
-    assert set(TOOL_SPECS["count_objects"].args_schema.model_fields) == {"image", "object", "more_objects"}
-    assert set(TOOL_SPECS["locate_objects"].args_schema.model_fields) == {"image", "object", "more_objects"}
+    assert set(TOOL_SPECS["segment_object"].args_schema.model_fields) == {"image", "object", "point", "box", "time"}
+    assert set(TOOL_SPECS["count_objects"].args_schema.model_fields) == {"image", "object", "more_objects", "time"}
+    assert set(TOOL_SPECS["locate_objects"].args_schema.model_fields) == {"image", "object", "more_objects", "time"}
+    for spec in TOOL_SPECS.values():  # one optional field for videos, never required, never negative
+        schema = spec.args_schema.model_json_schema()
+        assert "time" not in schema["required"] and "vid_1" in spec.description
+        assert {"type": "number", "minimum": 0} in schema["properties"]["time"]["anyOf"]
 
 
 # ------------------------------------------------------------------ several images in one question

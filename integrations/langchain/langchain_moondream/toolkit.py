@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from langchain_core.tools import BaseTool, BaseToolkit
@@ -89,6 +91,11 @@ class MoondreamToolkit(BaseToolkit):
         Default handles are ``img_1``, ``img_2``, ...; see :meth:`VisionTools.add_image`.
         """
         return self.vision.add_image(image, name=name)
+
+    def add_video(self, video: str | os.PathLike[str] | bytes, name: str | None = None) -> str:
+        """Register an application video (a file or its bytes); return its handle (``vid_1``,
+        ...). The tools take ``time`` for it; see :meth:`VisionTools.add_video`."""
+        return self.vision.add_video(video, name=name)
 
     def remove_image(self, name: str) -> None:
         """Forget a registered image."""

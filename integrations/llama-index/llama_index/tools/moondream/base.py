@@ -32,6 +32,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -170,6 +172,16 @@ class MoondreamToolSpec(BaseToolSpec):
             spec.add_image("scan.png", name="receipt")      # "receipt"
         """
         return self.vision.add_image(image, name=name)
+
+    def add_video(self, video: str | os.PathLike[str] | bytes, name: str | None = None) -> str:
+        """Register a video (a file or its bytes) under a handle; return it (``vid_1``, ...).
+        The tools take ``time`` for it; see :meth:`VisionTools.add_video`.
+
+        Example::
+
+            spec.add_video("dashcam.mp4")                   # "vid_1"
+        """
+        return self.vision.add_video(video, name=name)
 
     # ------------------------------------------------------------ images users send
 
