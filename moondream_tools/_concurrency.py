@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from .errors import MoondreamError
 
-__all__ = ["map_concurrently", "stream_in_order"]
+__all__ = ["map_concurrently", "stream_in_order", "usable_cpus"]
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or ``taskset``'s share,
+    not the host's count), at least 1.
+
+    >>> usable_cpus() >= 1
+    True
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
 
 _T = TypeVar("_T")
 _I = TypeVar("_I")

@@ -16,7 +16,6 @@ free pages of every arena back (about 2 ms), at most once per ``min_interval``. 
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import threading
 import time
@@ -29,8 +28,10 @@ def _malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
+        import ctypes  # some Python builds have no _ctypes: then there is nothing to trim with
+
         function = ctypes.CDLL(None).malloc_trim  # the C library this process runs on
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
+    except (ImportError, OSError, AttributeError):  # musl and others have no malloc_trim
         return None
     function.argtypes = [ctypes.c_size_t]
     function.restype = ctypes.c_int

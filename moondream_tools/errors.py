@@ -249,7 +249,8 @@ class BatchError(MoondreamError):
             ``processing_failed``, ``timeout``), ``expired``, or one of the job's own:
             ``not_ready`` (results asked for before the batch finished), ``not_submitted``,
             ``submit_unknown`` (a completion was sent but its answer was lost),
-            ``download_failed``, ``job_busy`` (another job object holds the directory).
+            ``download_failed``, ``job_busy`` (another job object holds the directory),
+            ``spool_failed`` (the added requests could not be kept in the temporary directory).
         batch_id: the service's batch id, when there is one.
     """
 

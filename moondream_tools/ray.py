@@ -48,12 +48,16 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import contextlib
+import contextvars
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -70,7 +74,7 @@ from ._concurrency import stream_in_order
 from .backend import CaptionLength, VisionBackend, check_length, check_object, check_question
 from .backend_config import BackendConfig
 from .cli.skills import Asked, RunState, message, run_one
-from .images.sources import ReferenceKind, reference_kind
+from .images.sources import ReferenceKind, read_image_file, reference_kind
 from .indexing import DEFAULT_OCR_PROMPT, ImageIndexer, ImageRecord, phrase_key
 from .tiling import DEFAULT_MAX_TILES, TilingMode, plan_tiles
 
@@ -86,7 +90,7 @@ INPUT_COLUMNS = ("bytes", "path", "url")
 _OBJECT_SKILLS = ("detect", "point", "count", "segment")
 _TILED_SKILLS = ("detect", "point", "count", "index")
 _PACER_PREFIX = "moondream_tools.pacer:"
-_PACER_ATTEMPTS = 5
+_PACER_PATIENCE = 5.0  # seconds a worker keeps trying to reach the job's pacer before a request fails
 
 # ---------------------------------------------------------------------- the shared pace
 
@@ -132,7 +136,14 @@ class RayPacer:
     actor pool is torn down at the end of the job, or with the job itself) and never
     outlives the job. If an autoscaling pool removes the owner, the next turn asked of the
     dead actor fails, and the worker creates a new one (which waits one interval before its
-    first turn: the budget holds across the handover).
+    first turn: the budget holds across the handover). A worker keeps trying, backing off,
+    for about five seconds before the request fails (as its row's error). A 429's pause
+    still in force is passed on: each worker sends the pauses it asked for itself to the
+    new actor when it first reaches it (until then, or if that worker is gone too, the new
+    actor does not know of them).
+
+    Creating or looking up the actor is a blocking call to Ray's control plane: it runs in
+    a thread, never on the event loop.
 
     Example::
 
@@ -146,35 +157,58 @@ class RayPacer:
         self.name = name
         self.interval = 1.0 / requests_per_second
         self._handle: Any = None
+        self._paused_until = 0.0  # this worker's own pauses (monotonic), for a replacement actor
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RayPacer(name={self.name!r}, requests_per_second={1 / self.interval:g})"
 
-    def _actor(self, *, renew: bool = False) -> Any:
+    def _lookup(self, failed: Any) -> Any:
+        """The actor's handle, creating the actor if there is none (blocking: run in a
+        thread). ``failed`` is a handle that failed: it is replaced, unless another caller
+        of this process has replaced it already."""
         with self._lock:
-            if self._handle is None or renew:
+            if self._handle is None or self._handle is failed:
                 self._handle = _PacerRemote.options(name=self.name, get_if_exists=True).remote(self.interval)
             return self._handle
 
     async def wait_turn(self) -> None:
-        """Return at this request's turn (a new actor replaces one that died; the request
-        fails, as its row's error, only if none can be had after a few tries)."""
-        for attempt in range(_PACER_ATTEMPTS):
-            handle = self._actor(renew=attempt > 0)
+        """Return at this request's turn. A failure to reach the actor (it died, its name
+        is still being freed, another worker is creating it, the control plane is busy) is
+        retried with a new or looked-up actor, backing off, for about five seconds; only then
+        does the request fail (as its row's error)."""
+        failed: Any = None
+        deadline: float | None = None
+        delay = 0.05
+        while True:
+            handle = self._handle
             try:
+                if handle is None or handle is failed:
+                    handle = await asyncio.to_thread(self._lookup, failed)
+                    remaining = self._paused_until - time.monotonic()
+                    if remaining > 0:  # a pause still in force outlives the actor that had it
+                        await handle.pause.remote(remaining)  # done before the turn is asked for
                 await handle.acquire.remote()
                 return
-            except ray.exceptions.RayActorError:
-                if attempt == _PACER_ATTEMPTS - 1:
+            except (ray.exceptions.RayError, ValueError) as exc:  # ValueError: a name taken or freed meanwhile
+                failed = handle
+                now = time.monotonic()
+                deadline = now + _PACER_PATIENCE if deadline is None else deadline
+                if now + delay > deadline:
                     raise
-                logger.info("moondream-tools: the pacer %s is gone; starting another", self.name)
-                await asyncio.sleep(0.1 * attempt)  # the dead actor's name may take a moment to free
+                logger.info("moondream-tools: the pacer %s cannot be reached (%s); trying again in %.2f s",
+                            self.name, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
 
     def pause(self, seconds: float) -> None:
-        """Hold every worker's requests back for ``seconds`` (sent, not waited for)."""
-        with contextlib.suppress(ray.exceptions.RayError):
-            self._actor().pause.remote(seconds)
+        """Hold every worker's requests back for ``seconds`` (sent, not waited for; never
+        blocks: with no actor yet, the next turn's new actor gets the pause)."""
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        handle = self._handle
+        if handle is not None:
+            with contextlib.suppress(ray.exceptions.RayError):
+                handle.pause.remote(seconds)
 
 
 # ---------------------------------------------------------------------- the UDF
@@ -357,7 +391,7 @@ class MoondreamBatchUDF:
         self._backend: VisionBackend | None = None
         self._indexer: ImageIndexer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _CpuPool | None = None
 
     @classmethod
     def constructor_kwargs(cls, skill: UDFSkill = "index", **options: Any) -> dict[str, Any]:
@@ -366,10 +400,10 @@ class MoondreamBatchUDF:
 
         >>> MoondreamBatchUDF.constructor_kwargs("detect", object="car", requests_per_second=5)
         {'skill': 'detect', 'object': 'car', 'requests_per_second': 5}
-        >>> MoondreamBatchUDF.constructor_kwargs("detect", objekt="car")
+        >>> MoondreamBatchUDF.constructor_kwargs("detect", objekt="car")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        TypeError: MoondreamBatchUDF.__init__() got an unexpected keyword argument 'objekt'
+        TypeError: MoondreamBatchUDF.__init__() got an unexpected keyword argument 'objekt'...
         """
         cls(skill, **options)
         return {"skill": skill, **options}
@@ -513,24 +547,29 @@ class MoondreamBatchUDF:
 
     async def aclose(self) -> None:
         """Close the backend this process built (Ray does it for you: an actor that exits
-        drops the UDF, see ``__del__``; call it when you use the class outside Ray)."""
-        backend, self._backend, self._indexer, self._loop = self._backend, None, None, None
-        close = getattr(backend, "aclose", None)
-        if close is not None:
-            await close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        drops the UDF, see ``__del__``; call it when you use the class outside Ray). In an
+        actor, the loop gets its ordinary thread pool back."""
+        backend, loop, self._backend, self._indexer, self._loop = self._backend, self._loop, None, None, None
+        executor, self._executor = self._executor, None
+        try:
+            close = getattr(backend, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            if executor is not None and loop is not None:
+                executor.hand_back(loop)
 
     def __del__(self) -> None:
-        # Ray Data drops the UDF when the actor exits gracefully: close the backend's
-        # session on its own loop (if that loop still runs and is not this thread's).
+        # Ray Data drops the UDF when the actor exits gracefully: give the loop its ordinary
+        # thread pool back, and close the backend's session on its own loop (if that loop
+        # still runs and is not this thread's).
         backend, loop = getattr(self, "_backend", None), getattr(self, "_loop", None)
+        executor, self._executor = getattr(self, "_executor", None), None
+        if executor is not None and loop is not None:
+            executor.hand_back(loop)
         if backend is None or loop is None or loop.is_closed() or not loop.is_running():
             return
         self._backend = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
         close = getattr(backend, "aclose", None)
         if close is None:
             return
@@ -545,12 +584,53 @@ class MoondreamBatchUDF:
                 asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=5)
 
 
-def _cpu_threads(loop: asyncio.AbstractEventLoop) -> ThreadPoolExecutor | None:
-    """In a Ray actor, make the loop's thread pool (where images are read, hashed, decoded
-    and encoded) as large as the CPUs the actor reserved (``num_cpus``, at least one), so
-    an actor uses what the scheduler gave it: pools sized by ``num_cpus`` scale as planned,
-    and actors do not fight over one machine's cores. Outside an actor (or with no CPU
-    reserved) the loop is left as it is. Returns the pool it set."""
+class _CpuPool(ThreadPoolExecutor):
+    """An actor loop's default executor: the CPU work handed to threads (decoding, hashing,
+    encoding images) runs on this pool's own ``cpus`` threads, and the blocking I/O
+    (reading a path, ``isdir``, the loop's DNS lookups, finding the job's pacer) runs on
+    ``io``, the loop's ordinary pool, so a slow read on a network filesystem or a slow DNS
+    answer never waits behind a decode, nor holds one up.
+
+    :meth:`hand_back` gives the loop its ordinary pool back (the UDF closing) and stops
+    the CPU threads; a call still on its way to this pool then runs on ``io``. Shut down
+    with the loop (still its default executor), it shuts both."""
+
+    def __init__(self, cpus: int, io: ThreadPoolExecutor) -> None:
+        super().__init__(max_workers=cpus, thread_name_prefix="moondream-tools-cpu")
+        self.io = io
+        self._retired = False
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if self._retired or _blocking_io(fn):
+            return self.io.submit(fn, *args, **kwargs)
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except RuntimeError:  # handed back meanwhile (from another thread)
+            if not self._retired:
+                raise
+            return self.io.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        self.io.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def hand_back(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``io`` the loop's default executor again (unless something else replaced
+        this one since) and stop the CPU threads (the work already queued still runs)."""
+        self._retired = True
+        if not loop.is_closed() and getattr(loop, "_default_executor", self) is self:
+            loop.set_default_executor(self.io)
+        super().shutdown(wait=False)
+
+
+def _cpu_threads(loop: asyncio.AbstractEventLoop) -> _CpuPool | None:
+    """In a Ray actor, run the CPU work the loop hands to threads (images hashed, decoded
+    and encoded) on as many threads as the CPUs the actor reserved (``num_cpus``, at least
+    one), so an actor uses what the scheduler gave it: pools sized by ``num_cpus`` scale as
+    planned, and actors do not fight over one machine's cores. The blocking I/O (images
+    read, DNS) stays on the loop's ordinary pool (see :class:`_CpuPool`). Outside an actor
+    (or with no CPU reserved) the loop is left as it is. Returns the pool it installed as
+    the loop's default executor."""
     try:
         if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
             return None
@@ -559,9 +639,34 @@ def _cpu_threads(loop: asyncio.AbstractEventLoop) -> ThreadPoolExecutor | None:
         return None
     if not cpus:
         return None
-    executor = ThreadPoolExecutor(max_workers=max(1, math.ceil(cpus)), thread_name_prefix="moondream-tools")
-    loop.set_default_executor(executor)
-    return executor
+    # The loop's ordinary pool: the one it has made already (asyncio keeps it in a private
+    # attribute; behind another UDF's pool, that one's), else the one it would make.
+    io = getattr(loop, "_default_executor", None)
+    if isinstance(io, _CpuPool):
+        io = io.io
+    if not isinstance(io, ThreadPoolExecutor):
+        io = ThreadPoolExecutor(thread_name_prefix="asyncio")
+    pool = _CpuPool(max(1, math.ceil(cpus)), io)
+    loop.set_default_executor(pool)
+    return pool
+
+
+# The blocking calls that wait on I/O rather than use a CPU (matched on the function
+# ``asyncio.to_thread`` or the loop hands to the default executor).
+_BLOCKING_IO = frozenset(
+    f for f in (
+        socket.getaddrinfo, socket.getnameinfo, os.path.isdir, read_image_file, RayPacer._lookup,
+        getattr(asyncio.base_events.BaseEventLoop, "_getaddrinfo_debug", None),  # getaddrinfo in debug mode
+    ) if f is not None
+)
+
+
+def _blocking_io(fn: Any) -> bool:
+    """Whether a call submitted to the default executor is one of :data:`_BLOCKING_IO`
+    (``asyncio.to_thread`` submits ``partial(context.run, func, ...)``)."""
+    if isinstance(fn, functools.partial) and isinstance(getattr(fn.func, "__self__", None), contextvars.Context):
+        fn = fn.args[0] if fn.args else None
+    return getattr(fn, "__func__", fn) in _BLOCKING_IO
 
 
 # ---------------------------------------------------------------------- rows

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import BatchError, ConfigurationError
 from ..indexing.sources import IndexSource
 
 __all__ = ["Request", "RequestSpool"]
@@ -62,6 +63,8 @@ class RequestSpool:
         else:
             kind, stored = "path", os.fsencode(source)
         encoded = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"))
+        if not self._finalizer.alive:
+            raise ConfigurationError("this MoondreamBatch is closed: add requests before aclose(), or open the job again")
         try:
             self._db.execute(
                 "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -70,6 +73,11 @@ class RequestSpool:
         except sqlite3.IntegrityError:
             raise ValueError(
                 f"id {id!r} is already used in this job: ids must be unique (give every request an id, or none)"
+            ) from None
+        except sqlite3.Error as exc:  # the temporary directory is full or unwritable
+            raise BatchError(
+                f"cannot keep the request on disk in the temporary directory ({exc}); free space there or set TMPDIR",
+                code="spool_failed",
             ) from None
         self._digest.update(json.dumps((id, skill, description, fields), sort_keys=True, separators=(",", ":")).encode())
         self._digest.update(b"\n")

@@ -185,9 +185,10 @@ def _backend(options: dict[str, Any]) -> Any:
         _error("; ".join(str(e["msg"]) for e in exc.errors(include_url=False)))
 
 
-def _sources(inputs: tuple[str, ...], glob: str | None) -> list[str]:
+def _sources(inputs: tuple[str, ...], glob: str | None, in_directories: set[str] | None = None) -> list[str]:
+    """The inputs' sources; ``in_directories`` gets those only found under a directory."""
     try:
-        sources, empty = collect_inputs(inputs, glob=glob, stdin=sys.stdin)
+        sources, empty = collect_inputs(inputs, glob=glob, stdin=sys.stdin, in_directories=in_directories)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if not sources:
@@ -221,8 +222,9 @@ def _run(command: str, options: dict[str, Any], *, arguments: dict[str, Any], ca
         if name in options and _given(name):
             raise click.UsageError(f"--{name.replace('_', '-')} is for --batch-api")
     spec = _check_exports(skill, options)
-    sources = _sources(options["inputs"], options["glob_pattern"])
-    videos, video = _videos(skill, options, sources, spec)
+    in_directories: set[str] = set()
+    sources = _sources(options["inputs"], options["glob_pattern"], in_directories)
+    sources, videos, video = _videos(skill, options, sources, in_directories, spec)
     backend = _backend(options)
     if options["model"] is not None:
         arguments = {**arguments, "model": options["model"]}
@@ -242,9 +244,14 @@ def _run(command: str, options: dict[str, Any], *, arguments: dict[str, Any], ca
     sys.exit(status)
 
 
-def _videos(skill: str, options: dict[str, Any], sources: list[str], spec: ExportSpec) -> tuple[frozenset[str], Any]:
-    """The video inputs and how they are sampled (usage errors for what videos cannot do)."""
-    from .video import VideoOptions, looks_like_video
+def _videos(
+    skill: str, options: dict[str, Any], sources: list[str], in_directories: set[str], spec: ExportSpec
+) -> tuple[list[str], frozenset[str], Any]:
+    """``(sources, videos, sampling)``: the sources to run, the video inputs among them and
+    how they are sampled (usage errors for what videos cannot do). Without the ``video``
+    extra, a video named on the command line is a usage error; videos found in directories
+    are left out, with a warning."""
+    from .video import VIDEO_EXTRA, VideoOptions, looks_like_video, videos_supported
 
     every, keyframes, max_frames = options.get("every"), options.get("keyframes", False), options.get("max_frames")
     if every is not None and keyframes:
@@ -256,7 +263,24 @@ def _videos(skill: str, options: dict[str, Any], sources: list[str], spec: Expor
         raise click.UsageError(
             f"--coco and --yolo export images, not videos ({sorted(videos)[0]}): use --jsonl (a record per frame)"
         )
-    return videos, VideoOptions(every=every, keyframes=keyframes, max_frames=max_frames)
+    if videos and not videos_supported():
+        named = [source for source in sources if source in videos and source not in in_directories]
+        if named:
+            raise click.UsageError(
+                f"{named[0]} is a video: videos need the video extra (PyAV), which is not installed: {VIDEO_EXTRA}"
+            )
+        found = [source for source in sources if source in videos]
+        click.echo(
+            f"moondream-tools: warning: skipping {len(found)} video{'s' if len(found) > 1 else ''} found in"
+            f" directories ({found[0]}{', ...' if len(found) > 1 else ''}): to include them, install the video"
+            f" extra (PyAV): {VIDEO_EXTRA}",
+            err=True,
+        )
+        sources = [source for source in sources if source not in videos]
+        if not sources:
+            _error(f"no images found in {', '.join(options['inputs'])} (only videos, which need: {VIDEO_EXTRA})")
+        videos = frozenset()
+    return sources, videos, VideoOptions(every=every, keyframes=keyframes, max_frames=max_frames)
 
 
 def _run_batch(command: str, options: dict[str, Any], *, asked: Any, categories: list[str], description: str) -> None:

@@ -34,12 +34,15 @@ def _stdin_lines(stream: IO[str]) -> list[str]:
 
 
 def collect_inputs(
-    inputs: Sequence[str], *, glob: str | None = None, stdin: IO[str] | None = None
+    inputs: Sequence[str], *, glob: str | None = None, stdin: IO[str] | None = None,
+    in_directories: set[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """``(sources, empty_dirs)``: every image the inputs name, in order, duplicates dropped
     (each as given, or as found under its directory), and the directories where nothing
     matched. ``-`` reads one path or URL per line from ``stdin`` (directories there are
     searched too). A path that does not exist is kept: it becomes that input's error.
+    ``in_directories``, when given, gets the sources that were only found under a
+    directory (none of the inputs names them itself).
 
     Raises:
         ValueError: ``-`` given twice.
@@ -58,14 +61,19 @@ def collect_inputs(
     sources: list[str] = []
     empty: list[str] = []
     seen: set[str] = set()
+    named: set[str] = set()
     for item in expanded:
         found = _expand_one(item, pattern)
         if not found and not is_url(item) and Path(item).is_dir():
             empty.append(item)
         for source in found:
+            if source == item:
+                named.add(source)
             if source not in seen:
                 seen.add(source)
                 sources.append(source)
+    if in_directories is not None:
+        in_directories.update(seen - named)
     return sources, empty
 
 

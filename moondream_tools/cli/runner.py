@@ -34,7 +34,7 @@ from .exports import ExportSpec, run_exports
 from .progress import Bar, Stats, failures_text, print_table, summary_text
 from .records import FileBusyError, JsonlWriter, Loaded, Record, dumps, load_jsonl, record_key
 from .skills import Asked, RunState, index_record, message, run_one
-from .video import VideoOptions, run_video, video_arguments
+from .video import VideoOptions, annotated_names, run_video, video_arguments
 
 __all__ = ["IndexOptions", "Job", "execute", "open_records"]
 
@@ -253,6 +253,8 @@ async def _run_inputs(
     """The inputs in order: runs of images concurrently, each video on its own (its frames
     concurrently); ``on_video(source, frames)`` after each video."""
     assert job.asked is not None
+    folder = job.exports.annotate
+    annotated = annotated_names(job.videos) if folder is not None else {}
     start = 0
     while start < len(todo):
         if stopper.requested or state.server_gone:
@@ -267,7 +269,8 @@ async def _run_inputs(
             stopper.in_flight = lambda: 1
             record = await run_video(
                 state, job.asked, source, job.arguments_for(source), job.video, concurrency=job.concurrency,
-                annotate=job.exports.annotate, emit_frame=emit_frame, stop=lambda: stopper.requested,
+                annotate=folder / annotated[source] if folder is not None else None, emit_frame=emit_frame,
+                stop=lambda: stopper.requested,
             )
             on_video(source, (record.get("video") or {}).get("frames", 0))
             emit(record)

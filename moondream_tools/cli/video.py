@@ -15,14 +15,15 @@ in its record and the video goes on; the video's record then says how many faile
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, MoondreamError
-from ..indexing import IMAGE_EXTENSIONS
 from .records import Record, base_record
 from .skills import (
     CONSECUTIVE_BACKEND_FAILURES,
@@ -34,7 +35,8 @@ from .skills import (
     segmentation_fields,
 )
 
-__all__ = ["VIDEO_SUFFIXES", "VideoOptions", "looks_like_video", "run_video", "video_arguments"]
+__all__ = ["VIDEO_EXTRA", "VIDEO_SUFFIXES", "VideoOptions", "annotated_names", "looks_like_video", "run_video",
+           "video_arguments", "videos_supported"]
 
 logger = logging.getLogger("moondream_tools")
 
@@ -55,19 +57,31 @@ class VideoOptions:
     max_frames: int | None = None
 
 
+#: How to install what videos need (PyAV, trackers).
+VIDEO_EXTRA = 'pip install "moondream-tools[video]"'
+
+
 def looks_like_video(source: str) -> bool:
-    """Whether an input is taken as a video: a local file named like one, or a local file
-    with no image ending that opens as one (:func:`moondream_tools.video.is_video`)."""
+    """Whether an input is taken as a video: a local path named like one (a video ending,
+    :data:`VIDEO_SUFFIXES`; the file is not opened).
+
+    >>> looks_like_video("clips/a.MP4"), looks_like_video("a.png"), looks_like_video("https://x/a.mp4")
+    (True, False, False)
+    """
     if "://" in source or source.startswith("data:"):
         return False
-    suffix = Path(source).suffix.lower()
-    if suffix in VIDEO_SUFFIXES:
-        return True
-    if suffix in IMAGE_EXTENSIONS or not Path(source).is_file():
-        return False
-    from ..video import is_video
+    return Path(source).suffix.lower() in VIDEO_SUFFIXES
 
-    return is_video(source)
+
+def videos_supported() -> bool:
+    """Whether PyAV (the ``video`` extra) can be imported: imports it."""
+    from ..video import _decode
+
+    try:
+        _decode.load_av()
+    except ImportError:
+        return False
+    return True
 
 
 def video_arguments(arguments: dict[str, Any], options: VideoOptions) -> dict[str, Any]:
@@ -75,8 +89,28 @@ def video_arguments(arguments: dict[str, Any], options: VideoOptions) -> dict[st
     return {**arguments, "every": options.every, "keyframes": options.keyframes, "max_frames": options.max_frames}
 
 
-def _annotated_path(folder: Path, source: str) -> Path:
-    return folder / (Path(source).stem + ".annotated.mp4")
+def annotated_names(videos: Iterable[str]) -> dict[str, str]:
+    """The annotated video's file name per video: ``STEM.annotated.mp4``, with 8 hex digits
+    of the source (as given) after the stem when two videos share it (``a/clip.mp4`` and
+    ``b/clip.mp4``, ``clip.mp4`` and ``clip.mov``), as exported images are named.
+
+    >>> annotated_names(["a/clip.mp4", "b/clip.mov", "street.mp4"])["street.mp4"]
+    'street.annotated.mp4'
+    """
+    ordered = sorted(videos)
+    counts = Counter(Path(source).stem.lower() for source in ordered)
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for source in ordered:
+        stem = Path(source).stem
+        if counts[stem.lower()] > 1:
+            stem = f"{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+        name, n = stem, 2
+        while name.lower() in taken:
+            name, n = f"{stem}-{n}", n + 1
+        taken.add(name.lower())
+        names[source] = name + ".annotated.mp4"
+    return names
 
 
 async def _fields(asked: Asked, result: Any) -> dict[str, Any]:
@@ -104,7 +138,8 @@ async def run_video(
     stop: Callable[[], bool],
 ) -> Record:
     """Every sampled frame of ``source`` through ``asked``: frame records go to ``emit_frame``
-    as they come (in frame order); returns the video's record. Never raises for a bad video
+    as they come (in frame order); returns the video's record. ``annotate``: the annotated
+    video to write (named by :func:`annotated_names`), or None. Never raises for a bad video
     or a failed request (the message goes in ``error``)."""
     from ..video import annotate_video, probe_video, process_video, summarize_tracks
 
@@ -156,8 +191,8 @@ async def run_video(
     written = None
     try:
         if annotate is not None:
-            annotate.mkdir(parents=True, exist_ok=True)
-            written = await annotate_video(source, recorded(), _annotated_path(annotate, source))
+            annotate.parent.mkdir(parents=True, exist_ok=True)
+            written = await annotate_video(source, recorded(), annotate)
         else:
             async for _ in recorded():
                 pass

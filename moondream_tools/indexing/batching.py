@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from typing import IO, Any
 
 from PIL import Image
 
-from .._concurrency import stream_in_order
+from .._concurrency import stream_in_order, usable_cpus
 from .._memory import trim_freed_memory
 from ..batch import BatchProgress, BatchResult, MoondreamBatch
 from ..batch._state import write_atomically
@@ -90,10 +91,30 @@ DEFAULT_PART_SIZE = 8 * 2**20
 #: image: the upright source's size, the frame of its results) or ``<image>-t<k>.<w>x<h>.jpg``.
 _SIZED = re.compile(r"\.(\d+)x(\d+)\.jpg$")
 #: Planning's CPU work (hash, decode, resize, encode, write) runs on threads of its own, one
-#: per CPU, a whole image per call: glibc gives each thread that allocates a malloc arena of
-#: its own, which keeps what its decodes freed, so few threads keep little (bench_batch:
-#: 88 MiB of growth on two threads against 150 MiB across the default pool's six).
-_PLANNERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="moondream-plan")
+#: per usable CPU, a whole image per call: glibc gives each thread that allocates a malloc
+#: arena of its own, which keeps what its decodes freed, so few threads keep little
+#: (bench_batch: 88 MiB of growth on two threads against 150 MiB across the default pool's
+#: six). Made on first use in each process (a forked child gets a pool of its own).
+_PLANNERS: ThreadPoolExecutor | None = None
+_PLANNERS_LOCK = threading.Lock()
+
+
+def _planner_pool() -> ThreadPoolExecutor:
+    global _PLANNERS
+    with _PLANNERS_LOCK:
+        if _PLANNERS is None:
+            _PLANNERS = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="moondream-plan")
+        return _PLANNERS
+
+
+def _forget_planners() -> None:
+    """In a forked child: the parent's pool has no threads here (and its lock may be held)."""
+    global _PLANNERS, _PLANNERS_LOCK
+    _PLANNERS, _PLANNERS_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_planners)
 
 
 class _IndexJob(MoondreamBatch):
@@ -340,7 +361,7 @@ async def _planned(
     read no further ahead than :meth:`ImageIndexer.stream` reads it)."""
     # Preparing is CPU work with no request to wait for: one image per CPU decodes as fast as
     # more would, with less memory held (reads and downloads keep max_concurrency).
-    cpus = asyncio.Semaphore(max(1, min(indexer.max_concurrency, os.cpu_count() or 1)))
+    cpus = asyncio.Semaphore(max(1, min(indexer.max_concurrency, usable_cpus())))
 
     async def run(numbered: tuple[int, IndexSource]) -> _Planned:
         return await _plan_one(indexer, numbered[0], numbered[1], spill, state, cpus)
@@ -366,7 +387,7 @@ async def _plan_one(
         if isinstance(data, _Planned):
             return data
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_PLANNERS, _plan_read, indexer, index, source, data, spill)
+        return await loop.run_in_executor(_planner_pool(), _plan_read, indexer, index, source, data, spill)
 
 
 async def _read_or_error(indexer: ImageIndexer, source: IndexSource, state: _Run) -> bytes | _Planned:

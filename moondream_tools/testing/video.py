@@ -51,7 +51,8 @@ class MovingShape:
 class VideoScene:
     """Moving shapes on a plain background, ``frames`` frames at ``fps``.
 
-    Frame ``i`` is shown at ``i / fps`` seconds (the timestamps :meth:`write` gives it).
+    Frame ``i`` is shown at ``i / fps`` seconds from the first frame (the timestamps
+    :meth:`write` gives it, plus its ``start``).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class VideoScene:
         gop: int | None = None,
         quality: int = 18,
         preset: str = "ultrafast",
+        start: float = 0.0,
     ) -> None:
         """Encode the video to ``path`` (container from its extension) with PyAV.
 
@@ -104,18 +106,24 @@ class VideoScene:
         phone writes a portrait video; the upright frames are :meth:`at`'s scenes.
         ``gop``: frames between keyframes (default: the encoder's). ``quality``: x264's CRF;
         ``preset``: x264's preset (``"ultrafast"``: quick to write, no B-frames; a camera-like
-        file: ``"veryfast"`` or slower).
+        file: ``"veryfast"`` or slower). ``start``: the first frame's timestamp in the file,
+        in seconds (rounded to a whole number of frames), as MPEG-TS files and cut recordings
+        have; frame ``i`` is then stored at ``start + i / fps``.
         """
         import av
 
         if rotation not in (0, 90, 180, 270):
             raise ValueError("rotation must be 0, 90, 180 or 270")
+        if not math.isfinite(start) or start < 0:
+            raise ValueError("start must be a finite number of seconds >= 0")
         undo = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
         stored = (self.height, self.width) if rotation in (90, 270) else (self.width, self.height)
         from fractions import Fraction
 
+        rate = Fraction(self.fps).limit_denominator(1001)
+        offset = round(start * rate)
         with av.open(os.fspath(path), "w") as container:
-            stream = container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
+            stream = container.add_stream(codec, rate=rate)
             stream.width, stream.height = stored
             stream.pix_fmt = "yuv420p"
             if gop is not None:
@@ -131,8 +139,8 @@ class VideoScene:
                 if rotation:
                     image = image.transpose(undo[rotation])
                 frame = av.VideoFrame.from_image(image)
-                frame.pts = index
-                frame.time_base = Fraction(1, 1) / Fraction(self.fps).limit_denominator(1001)
+                frame.pts = offset + index
+                frame.time_base = 1 / rate
                 for packet in stream.encode(frame):
                     container.mux(packet)
             for packet in stream.encode():

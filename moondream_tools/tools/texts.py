@@ -66,7 +66,7 @@ class VideoTimeline(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    duration: float = Field(description="The video's length in seconds.")
+    duration: float = Field(description="The video's length in seconds (0.0 when its file does not say).")
     every: float = Field(description="Seconds between the sampled frames.")
     frames: int = Field(description="Sampled frames answered.")
     failed: int = Field(description="Sampled frames whose request failed (not in the spans).")
@@ -240,9 +240,11 @@ def _moment(name: str, time: float | None) -> str:
 
 def _timeline_text(name: str, obj: str, timeline: VideoTimeline, size: ImageSize, peak_text: str) -> str:
     """When ``obj`` appears in the video ``name``, then the text of its busiest moment."""
+    length = f"{timeline.duration:.1f} s video" if timeline.duration > 0 else "video of unknown length"
     head = (
-        f"{name} ({timeline.duration:.1f} s video, {size.width}x{size.height} px;"
-        f" {timeline.frames} frames sampled every {timeline.every:g} s)"
+        f"{name} ({length}, {size.width}x{size.height} px;"
+        f" {timeline.frames} frames sampled every {timeline.every:g} s"
+        + (", from its start only)" if timeline.duration <= 0 else ")")
     )
     failed = f" {timeline.failed} sampled frames could not be read." if timeline.failed else ""
     if not timeline.spans:

@@ -115,6 +115,7 @@ async def timeline_of(
         async for frame in _video_module().process_video(
             backend, video.source, skill, object=phrase, every=step, settings={"max_objects": max_objects},
             max_concurrency=getattr(backend, "max_concurrency", None) or 8,
+            max_frames=2 * SAMPLED_FRAMES,  # a video whose container gives no duration: its start only
         )
     ]
     answered = [f for f in frames if f.result is not None]

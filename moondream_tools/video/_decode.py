@@ -39,7 +39,8 @@ class VideoInfo:
     """What :func:`probe_video` reads of a video.
 
     Attributes:
-        duration: seconds (the stream's, else the container's; 0.0 when neither says).
+        duration: the stream's length in seconds, from its first frame to its end
+            (end - ``start_time``, as the header says; 0.0 when it does not).
         frames: the stream's frame count, or an estimate from duration x fps when the
             container does not say (``frames_exact`` False).
         frames_exact: whether ``frames`` was read from the container.
@@ -48,7 +49,10 @@ class VideoInfo:
         rotation: degrees the stored frames are turned counterclockwise to be upright
             (0, 90, 180 or 270; phone videos shot in portrait say 270 or 90).
         codec: the decoder's name (``h264``, ``hevc``, ``vp9``, ...).
-        start_time: seconds of the stream's first timestamp (usually 0.0).
+        start_time: the stream's first timestamp in the file, in seconds (usually 0.0;
+            MPEG-TS files often start near 1.4). Every time this package reports or takes
+            (``FrameResult.time``, :func:`frame_at`, ``every=``) is in seconds from the first
+            frame, i.e. the file's timestamp minus ``start_time``.
 
     Example::
 
@@ -170,12 +174,7 @@ def probe(source: VideoSource) -> VideoInfo:
         stream, fps, start, time_base = _stream_facts(container)
         frame = _first_frame(container, stream, name)
         rotation = _rotation(frame)
-        if stream.duration is not None:
-            duration = float(stream.duration * time_base)
-        elif container.duration is not None:
-            duration = container.duration / 1_000_000
-        else:
-            duration = 0.0
+        duration = _length(container, stream, start, time_base)
         exact = bool(stream.frames)
         frames = int(stream.frames) if exact else max(1, round(duration * fps))
         width, height = _upright_size(frame.width, frame.height, rotation)
@@ -185,6 +184,18 @@ def probe(source: VideoSource) -> VideoInfo:
         )
     finally:
         container.close()
+
+
+def _length(container: Any, stream: Any, start: float, time_base: Fraction) -> float:
+    """Seconds from the stream's first frame to its end, from the header (0.0 if unknown)."""
+    if stream.duration is not None:  # FFmpeg's stream duration: end - start already
+        return float(stream.duration * time_base)
+    if container.duration is None:
+        return 0.0
+    duration = container.duration / 1_000_000
+    if container.format.name.startswith("matroska"):  # Matroska's Duration is the end timestamp
+        duration -= start
+    return max(0.0, duration)
 
 
 def is_video(source: str | os.PathLike[str] | bytes) -> bool:
@@ -216,7 +227,7 @@ class DecodedFrame:
 
     ordinal: int  # 0, 1, 2, ... among the sampled frames
     index: int  # the frame's index in the stream
-    time: float  # seconds (pts x time base)
+    time: float  # seconds from the first frame (pts x time base - the stream's start)
     source_size: tuple[int, int]  # upright size of the stored frame
     size: tuple[int, int]  # upright size to convert to
     rotation: int
@@ -280,7 +291,7 @@ class FrameReader:
     def _index(self, time: float) -> int:
         if not self._keyframes:
             return self._decoded - 1
-        return max(0, round((time - self.start) * self.fps)) if self.fps else self._decoded - 1
+        return max(0, round(time * self.fps)) if self.fps else self._decoded - 1
 
     def read(self) -> DecodedFrame | None:
         """The next sampled frame, or None at the end (or after ``max_frames``)."""
@@ -296,7 +307,10 @@ class FrameReader:
             if frame is None:
                 return None
             self._decoded += 1
-            time = float(frame.pts * self._time_base) if frame.pts is not None else (self._decoded - 1) / (self.fps or 1)
+            if frame.pts is not None:
+                time = float(frame.pts * self._time_base) - self.start
+            else:
+                time = (self._decoded - 1) / (self.fps or 1)
             if self._every is not None:
                 if self._next_time is None:
                     self._next_time = time
@@ -327,6 +341,43 @@ class FrameReader:
             self._container.close()
 
 
+def _frame_time(frame: Any, time_base: Fraction) -> float | None:
+    return float(frame.pts * time_base) if frame.pts is not None else None
+
+
+def _decode_to(container: Any, stream: Any, target: float, time_base: Fraction, name: str) -> tuple[Any, bool]:
+    """From wherever the container is: (the last frame at or before ``target``, else the
+    first one decoded, or None; whether the first frame decoded is at or before it)."""
+    chosen = None
+    early = False
+    try:
+        for frame in container.decode(stream):
+            frame_time = _frame_time(frame, time_base)
+            late = frame_time is not None and frame_time > target + 1e-9
+            if chosen is None:
+                early = not late
+            elif late:
+                break
+            chosen = frame
+            if late:  # the first frame is later than the time asked for
+                break
+    except Exception as exc:
+        if chosen is None:
+            raise ImageError(f"{name}: cannot decode the video ({_reason(exc)})") from None
+    return chosen, early
+
+
+def _rewind(container: Any, stream: Any, start: float, time_base: Fraction, name: str) -> None:
+    """Seek back to the first frame."""
+    try:
+        container.seek(0, backward=True, any_frame=False)
+    except Exception:  # some demuxers refuse a time before the first timestamp
+        try:
+            container.seek(int(math.floor(start / time_base)), stream=stream, backward=True, any_frame=False)
+        except Exception:
+            raise ImageError(f"{name}: cannot seek back to the start of the video") from None
+
+
 def read_frame_at(source: VideoSource, time: float) -> Image.Image:
     """:func:`frame_at`, blocking."""
     name = _describe(source)
@@ -334,23 +385,29 @@ def read_frame_at(source: VideoSource, time: float) -> Image.Image:
     try:
         stream, _, start, time_base = _stream_facts(container)
         stream.thread_type = "AUTO"
-        target = start + time
-        try:
-            container.seek(int(math.floor(target / time_base)), stream=stream, backward=True, any_frame=False)
-        except Exception:  # pragma: no cover - not seekable (a pipe, no index): decode from the start
-            pass
-        chosen = None
-        try:
-            for frame in container.decode(stream):
-                frame_time = float(frame.pts * time_base) if frame.pts is not None else target
-                if chosen is not None and frame_time > target + 1e-9:
-                    break
-                chosen = frame
-                if frame_time > target + 1e-9:  # the first frame is later than the time asked for
-                    break
-        except Exception as exc:
-            if chosen is None:
-                raise ImageError(f"{name}: cannot decode the video ({_reason(exc)})") from None
+        target = start + time  # ``time`` is from the first frame; the file's timestamps are not
+        # A container without an index (MPEG-TS, MPEG-PS) may seek past the keyframe before
+        # the target, or past the last frame: then seek again earlier (2 s, 4 s, ... before),
+        # and at last decode from the first frame.
+        back = 0.0
+        while True:
+            point = target - back
+            from_start = point <= start
+            try:
+                if not from_start:
+                    container.seek(int(math.floor(point / time_base)), stream=stream, backward=True, any_frame=False)
+                elif back:
+                    _rewind(container, stream, start, time_base, name)
+            except ImageError:
+                raise
+            except Exception:  # not seekable: decode from where the container is (its start)
+                if back:
+                    raise ImageError(f"{name}: cannot seek in the video") from None
+                from_start = True
+            chosen, early = _decode_to(container, stream, target, time_base, name)
+            if from_start or (chosen is not None and early):
+                break
+            back = back * 2 if back else 2.0
         if chosen is None:
             raise ImageError(f"{name}: the video has no frames")
         rotation = _rotation(chosen)

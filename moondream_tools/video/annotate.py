@@ -130,7 +130,8 @@ class _Writer:
                 raise ImageError(f"{self.name}: cannot decode the video ({_reason(exc)})") from None
             if frame is None:
                 raise ValueError(f"no frame at {time:.3f} s in {self.name}: are these results of this video?")
-            frame_time = float(frame.pts * self._time_base) if frame.pts is not None else time
+            # seconds from the first frame, as FrameResult.time
+            frame_time = float(frame.pts * self._time_base) - self.start if frame.pts is not None else time
             if frame_time + 1e-9 >= time:
                 return frame
 
@@ -157,7 +158,7 @@ class _Writer:
             image = image.crop((0, 0, *self.size))
         draw_frame(image, frame, mask_opacity=self.mask_opacity)
         out = self._av.VideoFrame.from_image(image)
-        pts = max(self._last_pts + 1, round((frame.time - self.start) / _TIME_BASE))
+        pts = max(self._last_pts + 1, round(frame.time / _TIME_BASE))  # the output starts at 0
         out.pts, out.time_base = pts, _TIME_BASE
         self._last_pts = pts
         for packet in self._out_stream.encode(out):
@@ -188,7 +189,8 @@ async def annotate_video(
 ) -> AnnotatedVideo:
     """Write ``output``: one frame per result (the source frame at the result's time, upright
     and full size, with the result drawn by :mod:`moondream_tools.render`, each object
-    labelled ``"<object> <track id>"``), at the results' timestamps.
+    labelled ``"<object> <track id>"``), at the results' times (seconds from the first
+    frame: the output starts at 0 whatever the source's first timestamp).
 
     ``results`` are those of :func:`process_video` on ``source``, in order: a list, or the
     iterator itself (frames are written as results arrive, so one pass processes and

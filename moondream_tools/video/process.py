@@ -47,7 +47,9 @@ class FrameResult:
 
     Attributes:
         index: the frame's index in the video stream (0 for the first frame).
-        time: its timestamp in seconds (pts x the stream's time base).
+        time: seconds from the first frame (its timestamp, pts x the stream's time base,
+            less the stream's start, ``VideoInfo.start_time``): 0.0 for the first frame,
+            the time :func:`frame_at` takes.
         image_size: the upright size of the frame (rotation metadata applied): every
             pixel coordinate of ``result`` is in it.
         result: the skill's result (``Detections``, ``Points``, ``Segmentation``,
@@ -94,9 +96,11 @@ async def probe_video(source: VideoSource) -> VideoInfo:
 
 
 async def frame_at(source: VideoSource, time: float) -> Image.Image:
-    """The upright RGB frame shown at ``time`` seconds: the last frame whose timestamp is at
-    or before it (the first frame for an earlier time, the last one past the end). Seeks
-    to the keyframe before ``time`` and decodes forward, in a worker thread.
+    """The upright RGB frame shown at ``time`` seconds from the first frame (as
+    ``FrameResult.time``): the last frame at or before it (the last one past the end).
+    Seeks to the keyframe before ``time`` and decodes forward, in a worker thread; where
+    the seek lands late (containers without an index, such as MPEG-TS), it seeks again
+    earlier.
 
     Raises:
         ImageError: not a video, corrupt, truncated or unreadable.

@@ -429,6 +429,8 @@ async def test_requests_wait_on_disk_not_in_memory(tmp_path: Path) -> None:
             job.add(b"img", "caption", id="bytes-3")
     finally:
         await job.aclose()
+    with pytest.raises(ConfigurationError, match="closed"):
+        job.add(b"img", "caption")
 
 
 async def test_a_job_directory_keeps_its_requests_and_server(fake: FakeMoondream, tmp_path: Path) -> None:

@@ -24,3 +24,28 @@ def test_glibc_trim_is_found_on_linux_and_nothing_elsewhere(monkeypatch) -> None
     assert _memory._malloc_trim() is None
     monkeypatch.setattr(_memory, "_TRIM", None)
     assert MemoryTrimmer(min_interval=0).trim() is False
+
+
+def test_the_planner_pool_works_in_a_forked_child() -> None:
+    """A process forked after planning (multiprocessing's default on Linux) plans too: the
+    parent's pool has no threads in the child, so the child makes its own."""
+    import os
+    import warnings
+
+    from moondream_tools.indexing import batching
+
+    parent = batching._planner_pool()
+    assert parent.submit(lambda: 41 + 1).result(timeout=10) == 42
+    with warnings.catch_warnings():  # 3.12+: fork() of a multi-threaded process warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its pool runs work
+        code = 1
+        try:
+            pool = batching._planner_pool()
+            code = 0 if pool is not parent and pool.submit(lambda: 7).result(timeout=5) == 7 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert batching._planner_pool() is parent  # the parent keeps its pool

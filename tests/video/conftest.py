@@ -13,12 +13,17 @@ from moondream_tools.testing import MovingShape, VideoScene
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``moving``: :data:`MOVING` (keyframe every 10 frames); ``rotated``: the same stored
-    turned, with a 90 degree rotation flag; ``long``: 2000 tiny frames."""
+    turned, with a 90 degree rotation flag; ``offset``: MOVING in Matroska whose first
+    timestamp is 2 s; ``ts``: MOVING in MPEG-TS (no seek index) starting at 1.4 s, as
+    broadcast and camera files do."""
     folder = tmp_path_factory.mktemp("videos")
-    paths = {"moving": folder / "moving.mp4", "rotated": folder / "rotated.mp4", "rotated270": folder / "r270.mov"}
+    paths = {"moving": folder / "moving.mp4", "rotated": folder / "rotated.mp4", "rotated270": folder / "r270.mov",
+             "offset": folder / "offset.mkv", "ts": folder / "moving.ts"}
     MOVING.write(paths["moving"], gop=10)
     MOVING.write(paths["rotated"], rotation=90, gop=10)
     MOVING.write(paths["rotated270"], rotation=270, gop=10)
+    MOVING.write(paths["offset"], gop=10, start=2.0)
+    MOVING.write(paths["ts"], gop=10, start=1.4)
     return paths
 
 

@@ -155,3 +155,62 @@ async def test_the_progress_bar_counts_frames(fake: FakeMoondream, clips: Path, 
     assert status == 0
     err = capsys.readouterr().err
     assert "7/7" in err and "frames/s" in err  # the image and 6 sampled frames
+
+
+@pytest.fixture
+def no_pyav(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the ``video`` extra were not installed: loading PyAV fails as it would."""
+    from moondream_tools.video import _decode
+
+    def missing() -> Any:
+        raise ImportError('moondream_tools.video needs PyAV: pip install "moondream-tools[video]"')
+
+    monkeypatch.setattr(_decode, "load_av", missing)
+
+
+def test_without_pyav_a_named_video_is_a_usage_error(threaded_fake: FakeMoondream, clips: Path, no_pyav: None) -> None:
+    result = run(threaded_fake, "detect", "shape", "clips/still.png", "clips/street.mp4")
+    assert result.exit_code == 2
+    assert "clips/street.mp4" in result.stderr and 'pip install "moondream-tools[video]"' in result.stderr
+    assert "Traceback" not in result.output and threaded_fake.requests == []
+
+
+def test_without_pyav_videos_in_a_folder_are_skipped_with_a_warning(
+    threaded_fake: FakeMoondream, clips: Path, no_pyav: None
+) -> None:
+    result = run(threaded_fake, "point", "red square", "clips")
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert "skipping 1 video" in warning and "clips/street.mp4" in warning
+    assert 'pip install "moondream-tools[video]"' in warning
+    (record,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert record["source"] == "clips/still.png" and record["error"] is None
+    (truth,) = MOVING.frame(0).matching("red square")
+    (point,) = record["points"]
+    assert abs(point["x"] - truth.center[0]) <= TOL and abs(point["y"] - truth.center[1]) <= TOL
+    assert [r.path for r in threaded_fake.requests] == ["/v1/point"]
+
+
+def test_videos_sharing_a_name_get_annotated_videos_of_their_own(
+    threaded_fake: FakeMoondream, clips: Path, videos: dict[str, Path]
+) -> None:
+    from moondream_tools.testing import MovingShape, VideoScene
+
+    small = VideoScene(64, 48, [MovingShape("square", "green", (20, 24), 12, velocity=(10, 0))], fps=10, frames=3)
+    for folder in ("a", "b"):
+        Path(folder).mkdir()
+    Path("a/clip.mp4").write_bytes(videos["moving"].read_bytes())
+    small.write("b/clip.mp4")
+    result = run(threaded_fake, "detect", "shape", "a/clip.mp4", "b/clip.mp4", "--max-frames", "2",
+                 "--annotate", "out", "--jsonl", "r.jsonl")
+    assert result.exit_code == 0, result.output
+    found = {r["source"]: r for r in records(Path("r.jsonl")) if "video" in r}
+    assert set(found) == {"a/clip.mp4", "b/clip.mp4"}
+    written = {found[s]["annotated"] for s in found}
+    assert len(written) == 2 and all(p.startswith("out/clip-") and p.endswith(".annotated.mp4") for p in written)
+    assert sorted(str(p) for p in Path("out").iterdir()) == sorted(written)
+    for source, size in (("a/clip.mp4", (160, 120)), ("b/clip.mp4", (64, 48))):  # each file is its own video's
+        with av.open(found[source]["annotated"]) as container:
+            decoded = list(container.decode(video=0))
+        assert len(decoded) == found[source]["video"]["frames"] == 2
+        assert {(f.width, f.height) for f in decoded} == {size} == {(found[source]["width"], found[source]["height"])}

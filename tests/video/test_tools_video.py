@@ -143,3 +143,11 @@ async def test_both_frameworks_pass_time_through_their_tools(client: AsyncMoondr
         assert output.content.startswith('"blue circle" seen in clip (3.0 s video')
         schema = tools["segment_object"].metadata.fn_schema.model_json_schema()
         assert "time" in schema["properties"] and "time" not in schema.get("required", [])
+
+
+def test_a_video_of_unknown_length_is_sampled_from_its_start_only() -> None:
+    from moondream_tools.tools.texts import VideoTimeline, _timeline_text
+
+    timeline = VideoTimeline(duration=0.0, every=0.5, frames=80, failed=0, spans=[], tracks=0)
+    text = _timeline_text("vid_1", "car", timeline, ImageSize(width=64, height=48), "")
+    assert text == 'No "car" seen in vid_1 (video of unknown length, 64x48 px; 80 frames sampled every 0.5 s, from its start only).'

@@ -102,22 +102,56 @@ async def test_rotation_flag_turns_frames_upright_like_exif(client: AsyncMoondre
             assert close_to(box, truth_box(MOVING, frame.time, "red square"))
 
 
+def assert_shows(image: Any, shown: int, where: Any) -> None:
+    """``image`` is MOVING's frame ``shown``, upright (the red square's left edge moves 2 px
+    a frame: checked to the pixel)."""
+    assert image.size == (160, 120) and image.mode == "RGB"
+    pixels = np.asarray(image).astype(int)
+    truth = {t.label: t for t in MOVING.frame(shown).truth()}
+    x0, y0, x1, y1 = truth["red square"].bbox_px
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    assert np.abs(pixels[cy, cx] - (220, 30, 30)).max() < 40, where
+    column = pixels[cy, :, 0] - pixels[cy, :, 1]
+    assert abs(int(np.argmax(column > 100)) - x0) <= 1, where
+    assert ("blue circle" in truth) == (shown >= 10)
+
+
 async def test_frame_at_is_the_last_frame_at_or_before_the_time(videos: dict[str, Path]) -> None:
     for name in ("moving", "rotated"):
         for time, shown in ((0.0, 0), (1.05, 10), (1.1, 11), (1.99, 19), (2.34, 23), (99.0, 29)):
-            image = await frame_at(videos[name], time)
-            assert image.size == (160, 120) and image.mode == "RGB"
-            pixels = np.asarray(image).astype(int)
-            truth = {t.label: t for t in MOVING.frame(shown).truth()}
-            x0, y0, x1, y1 = truth["red square"].bbox_px
-            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-            assert np.abs(pixels[cy, cx] - (220, 30, 30)).max() < 40, (name, time)
-            # one frame earlier or later the square's left edge is 2 px away: check it exactly
-            column = pixels[cy, :, 0] - pixels[cy, :, 1]
-            assert abs(int(np.argmax(column > 100)) - x0) <= 1, (name, time)
-            assert ("blue circle" in truth) == (shown >= 10)
+            assert_shows(await frame_at(videos[name], time), shown, (name, time))
     with pytest.raises(ValueError, match="time"):
         await frame_at(videos["moving"], -1)
+
+
+async def test_frame_at_in_mpeg_ts_seeks_again_where_the_seek_lands_late(videos: dict[str, Path]) -> None:
+    # MPEG-TS has no seek index: FFmpeg's seek lands past the keyframe before the time (or
+    # past the last frame near the end); frame_at seeks again earlier.
+    assert (await probe_video(videos["ts"])).start_time == pytest.approx(1.4)
+    for time, shown in ((0.0, 0), (0.55, 5), (1.25, 12), (1.95, 19), (2.05, 20), (2.55, 25), (2.95, 29), (9.0, 29)):
+        assert_shows(await frame_at(videos["ts"], time), shown, time)
+
+
+async def test_times_are_seconds_from_the_first_frame_whatever_the_first_timestamp(
+    client: AsyncMoondream, videos: dict[str, Path], tmp_path: Path
+) -> None:
+    path = videos["offset"]
+    assert stream_times(path)[:2] == pytest.approx([2.0, 2.1])  # the file's own timestamps start at 2 s
+    info = await probe_video(path)
+    assert info.start_time == pytest.approx(2.0) and info.duration == pytest.approx(3.0) and info.frames == 30
+    frames = [f async for f in process_video(client, path, "detect", object="red square", every=1)]
+    assert [f.index for f in frames] == [0, 10, 20] and [f.time for f in frames] == pytest.approx([0.0, 1.0, 2.0])
+    for frame in frames:
+        (box,) = frame.result.objects  # type: ignore[union-attr]
+        assert close_to(box, truth_box(MOVING, frame.time, "red square"))
+        assert_shows(await frame_at(path, frame.time), frame.index, frame.time)
+    assert_shows(await frame_at(path, 2.5), 25, 2.5)
+    written = await annotate_video(path, frames, tmp_path / "offset.mp4")
+    assert written.frames == 3
+    assert stream_times(tmp_path / "offset.mp4") == pytest.approx([0.0, 1.0, 2.0], abs=1e-3)
+    ts = [f async for f in process_video(client, videos["ts"], "caption", every=0.5)]
+    assert [f.time for f in ts] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    assert (await probe_video(videos["ts"])).duration == pytest.approx(3.0)
 
 
 async def test_sampling_every_seconds_keyframes_and_max_frames(client: AsyncMoondream, videos: dict[str, Path]) -> None:
