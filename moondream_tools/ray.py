@@ -73,7 +73,7 @@ import ray.exceptions
 from ._concurrency import stream_in_order
 from .backend import CaptionLength, VisionBackend, check_length, check_object, check_question
 from .backend_config import BackendConfig
-from .cli.skills import Asked, RunState, message, run_one
+from .indexing.skills import Asked, RunState, message, run_one
 from .images.sources import ReferenceKind, read_image_file, reference_kind
 from .indexing import DEFAULT_OCR_PROMPT, ImageIndexer, ImageRecord, phrase_key
 from .tiling import DEFAULT_MAX_TILES, TilingMode, plan_tiles
@@ -810,7 +810,7 @@ def _index_fields(record: ImageRecord) -> dict[str, Any]:
 
 
 def _skill_fields(skill: str, record: dict[str, Any]) -> dict[str, Any]:
-    """A command-line record (``moondream_tools.cli.skills.run_one``) as a flat row."""
+    """A command-line record (``moondream_tools.indexing.skills.run_one``) as a flat row."""
     out = {k: record.get(k) for k in ("image_id", "width", "height", "error")}
     if skill == "caption":
         out["caption"] = record.get("caption")

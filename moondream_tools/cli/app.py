@@ -390,7 +390,7 @@ def cli() -> None:
 @_command
 def caption(options: dict[str, Any]) -> None:
     """Describe each image."""
-    from .skills import Asked
+    from ..indexing.skills import Asked
 
     length = options["length"]
     _run("caption", options, arguments={"length": length}, categories=[],
@@ -407,7 +407,7 @@ def caption(options: dict[str, Any]) -> None:
 @_command
 def query(options: dict[str, Any]) -> None:
     """Answer QUESTION about each image."""
-    from .skills import Asked
+    from ..indexing.skills import Asked
 
     question = options["question"]
     if not question.strip():
@@ -418,7 +418,7 @@ def query(options: dict[str, Any]) -> None:
 
 def _object_command(skill: str, doc: str, tiles: bool) -> None:
     def body(options: dict[str, Any]) -> None:
-        from .skills import Asked
+        from ..indexing.skills import Asked
 
         phrase = options["object"]
         if not phrase.strip():

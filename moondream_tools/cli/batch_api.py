@@ -51,9 +51,9 @@ from ..errors import ConfigurationError, ImageError, MoondreamError
 from ..results import ImageSize, Usage
 from .exports import ExportSpec, run_exports
 from .progress import Stats, failures_text
-from .records import JsonlWriter, Loaded, Record, base_record, key_of, record_key
+from .records import JsonlWriter, Loaded, Record, key_of, record_key
 from .runner import SignalHandlers, open_records
-from .skills import RunState, _inspect, detections_fields, message, points_fields
+from ..indexing.skills import RunState, _inspect, base_record, detections_fields, message, points_fields
 
 __all__ = ["BatchCommand", "execute_batch", "fetch_jobs", "jobs_root", "status_jobs"]
 

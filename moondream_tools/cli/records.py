@@ -1,6 +1,6 @@
 """The command's records: one JSON object per input, in a JSON Lines file that survives kills.
 
-A record (see :func:`base_record`) names its input as given (``source``), the image
+A record (see :func:`~moondream_tools.indexing.skills.base_record`) names its input as given (``source``), the image
 (``image_id``: sha256 of its bytes; ``width``/``height``: upright), what was asked
 (``skill``, ``arguments``), the result in normalized and pixel coordinates, and ``error``
 (None on success). A video input gives one record per sampled frame (with ``frame``,
@@ -25,16 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..indexing.skills import Record
+
 __all__ = [
     "JsonlWriter",
     "Loaded",
-    "base_record",
     "dumps",
     "load_jsonl",
     "record_key",
 ]
-
-Record = dict[str, Any]
 
 
 def record_key(source: str, skill: str, arguments: dict[str, Any]) -> str:
@@ -57,14 +56,6 @@ def key_of(record: Record) -> str | None:
     if isinstance(frame, int):
         return record_key(f"{source}#frame={frame}", skill, arguments)
     return record_key(source, skill, arguments)
-
-
-def base_record(source: str, skill: str, arguments: dict[str, Any]) -> Record:
-    """A record's leading fields, in the order every record shows them."""
-    return {
-        "source": source, "image_id": None, "width": None, "height": None,
-        "skill": skill, "arguments": arguments,
-    }
 
 
 def dumps(record: Record) -> str:

@@ -10,7 +10,7 @@
 - SIGINT / SIGTERM: no new input is started, the ones in flight finish and are written,
   the summary is printed, and the exit status is 130 / 143. A second signal cancels the
   inputs in flight (they are not recorded; a rerun does them).
-- After :data:`~moondream_tools.cli.skills.CONSECUTIVE_BACKEND_FAILURES` inputs in a row
+- After :data:`~moondream_tools.indexing.skills.CONSECUTIVE_BACKEND_FAILURES` inputs in a row
   fail because the server cannot be reached (or refuses the key), no new input is started.
 """
 
@@ -33,7 +33,7 @@ from ..tiling import TilingMode
 from .exports import ExportSpec, run_exports
 from .progress import Bar, Stats, failures_text, print_table, summary_text
 from .records import FileBusyError, JsonlWriter, Loaded, Record, dumps, load_jsonl, record_key
-from .skills import Asked, RunState, index_record, message, run_one
+from ..indexing.skills import Asked, RunState, index_record, message, run_one
 from .video import VideoOptions, annotated_names, run_video, video_arguments
 
 __all__ = ["IndexOptions", "Job", "execute", "open_records"]

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, MoondreamError
-from .records import Record, base_record
-from .skills import (
+from .records import Record
+from ..indexing.skills import (
     CONSECUTIVE_BACKEND_FAILURES,
     Asked,
     RunState,
+    base_record,
     detections_fields,
     message,
     points_fields,

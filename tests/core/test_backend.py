@@ -397,3 +397,20 @@ async def test_cancelling_the_caller_that_prepares_an_image_does_not_cancel_the_
     result = await waiter
     assert owner.cancelled() and result.width == 1 and runs == ["owner", "waiter"]
     assert cache.get("k") is result
+
+
+def test_nothing_outside_the_command_line_imports_it() -> None:
+    """The command line is a leaf: the Ray job and the command share the per-input skill code
+    through the core (moondream_tools.indexing.skills), not through the command's package."""
+    offenders = []
+    for path in _modules():
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                relative_cli = node.level >= 1 and (node.module == "cli" or node.module.startswith("cli."))
+                absolute_cli = node.level == 0 and node.module.startswith("moondream_tools.cli")
+                if relative_cli or absolute_cli:
+                    offenders.append(f"{relative}:{node.lineno}")
+    assert offenders == []

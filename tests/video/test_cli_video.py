@@ -16,7 +16,7 @@ from video_support import MOVING
 from moondream_tools import AsyncMoondream
 from moondream_tools.cli.app import cli
 from moondream_tools.cli.runner import Job, execute
-from moondream_tools.cli.skills import Asked
+from moondream_tools.indexing.skills import Asked
 from moondream_tools.cli.video import VideoOptions
 from moondream_tools.testing import FakeMoondream
 

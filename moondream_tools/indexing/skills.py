@@ -1,5 +1,8 @@
 """One input through one skill: read it once, ask, and turn the answer into record fields.
 
+The record format of the command line (``moondream-tools``) and of the Ray Data job
+(:mod:`moondream_tools.ray`): both run each input through :func:`run_one` here.
+
 Every coordinate is given twice: normalized to the upright image (as Moondream answers,
 clamped and ordered) and in pixels of the upright image, both through
 :mod:`moondream_tools.geometry`.
@@ -27,16 +30,17 @@ from ..errors import (
 from ..geometry import box_to_pixels, point_to_pixels
 from ..images import ImageSettings
 from ..images.sources import ReferenceKind, _load_source, reference_kind
-from ..indexing import ImageRecord
 from ..results import Detections, Points, Segmentation
 from ..tiling import TiledImage, TilingMode
-from ..indexing.indexer import _inspect
-from .records import Record, base_record
+from .indexer import _inspect
+from .records import ImageRecord
 
 __all__ = [
     "Asked",
+    "Record",
     "RunState",
     "SkillName",
+    "base_record",
     "detections_fields",
     "index_fields",
     "points_fields",
@@ -47,6 +51,8 @@ __all__ = [
 logger = logging.getLogger("moondream_tools")
 
 SkillName = Literal["caption", "query", "detect", "point", "count", "segment"]
+#: A JSON record: its keys in the order they are written, ``error`` last.
+Record = dict[str, Any]
 #: After this many inputs in a row fail for a reason the server gives every request
 #: (unreachable, the key refused, no credits), no new input is started.
 CONSECUTIVE_BACKEND_FAILURES = 10
@@ -106,6 +112,18 @@ class RunState:
     @property
     def server_gone(self) -> bool:
         return self.failure_streak >= CONSECUTIVE_BACKEND_FAILURES
+
+
+def base_record(source: str, skill: str, arguments: dict[str, Any]) -> Record:
+    """A record's leading fields, in the order every record shows them.
+
+    >>> base_record("cat.jpg", "detect", {"object": "cat"})["skill"]
+    'detect'
+    """
+    return {
+        "source": source, "image_id": None, "width": None, "height": None,
+        "skill": skill, "arguments": arguments,
+    }
 
 
 def message(exc: BaseException) -> str:
