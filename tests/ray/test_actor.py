@@ -45,6 +45,14 @@ async def turn(pacer: RayPacer) -> float:
 # ---------------------------------------------------------------------------
 
 
+def spaced(times: list[float], interval: float = 0.05) -> None:
+    """Turns handed out ``interval`` apart, as the workers see them: the actor spaces them
+    exactly, and each answer reaches its worker after a few ms of RPC (more on a loaded
+    machine), so the whole run spans the intervals while one gap may look a little short."""
+    assert times[-1] - times[0] >= (len(times) - 1) * interval * 0.8
+    assert min(b - a for a, b in zip(times, times[1:])) >= interval * 0.6
+
+
 async def test_workers_share_one_pacer_and_a_lost_one_is_replaced_with_the_pause_in_force(ray_cluster: Any) -> None:
     """Four workers (pacers of one name, each looking the actor up itself, at once) make one
     actor and get turns an interval apart. The first is paused by a 429 and the actor is
@@ -56,7 +64,7 @@ async def test_workers_share_one_pacer_and_a_lost_one_is_replaced_with_the_pause
     try:
         times = sorted(await asyncio.gather(*(turn(w) for w in workers)))
         assert named(ray, name) == [name]  # the race to create it made one actor
-        assert min(b - a for a, b in zip(times, times[1:])) >= 0.05 * 0.95
+        spaced(times)
 
         workers[0].pause(1.0)
         paused_until = time.monotonic() + 1.0
@@ -64,7 +72,7 @@ async def test_workers_share_one_pacer_and_a_lost_one_is_replaced_with_the_pause
         await turn(workers[1])  # a new actor, which knows of no pause yet
         assert await turn(workers[0]) >= paused_until - 0.01  # it does once the paused worker reaches it
         after = sorted(await asyncio.gather(*(turn(w) for w in workers[1:])))
-        assert min(b - a for a, b in zip(after, after[1:])) >= 0.05 * 0.95
+        spaced(after)
         assert named(ray, name) == [name]  # they found the new one, none made another
     finally:
         kill(ray, name)
