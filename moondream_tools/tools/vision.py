@@ -21,7 +21,7 @@ from .attach import failed as attach_failed
 from ..images import ImageInput, ImageSettings, PreparedImage, ReferenceKind, reference_kind
 from ..policy import ImagePolicy
 from ..render import annotate_png
-from ..results import Answer, Caption, Detections, Points, Reasoning
+from ..results import Answer, Caption, Detections, ImageSize, Points, Reasoning
 from ..tiling import DEFAULT_MAX_TILES, TiledImage, TilingMode, plan_tiles
 from .specs import TOOL_SPECS
 from .texts import (
@@ -30,6 +30,7 @@ from .texts import (
     LocateResult,
     SegmentResult,
     ToolResult,
+    VideoTimeline,
     _count_text,
     _describe_several_text,
     _describe_text,
@@ -468,10 +469,15 @@ class VisionTools:
         else:
             points = await self.backend.point(prepared, object, settings={"max_objects": self.max_objects})
             capped = len(points.points) >= self.max_objects
+        return self._count_result(image, object, points, capped, prepared.size, time)
+
+    def _count_result(
+        self, image: str, object: str, points: Points, capped: bool, size: ImageSize, time: float | None
+    ) -> CountResult:
         return CountResult(
             tool="count_objects",
             image=image,
-            image_size=prepared.size,
+            image_size=size,
             time=time,
             text=_count_text(_moment(image, time), object, points, capped, self.max_objects),
             object=object,
@@ -482,22 +488,10 @@ class VisionTools:
 
     async def _count_video(self, image: str, video: RegisteredVideo, object: str) -> CountResult:
         timeline, peak = await timeline_of(self.backend, video, "point", object, self.max_objects)
-        points = peak.result
-        assert isinstance(points, Points)
-        capped = len(points.points) >= self.max_objects
-        busiest = _count_text(_moment(image, peak.time), object, points, capped, self.max_objects)
-        return CountResult(
-            tool="count_objects",
-            image=image,
-            image_size=peak.image_size,
-            time=peak.time,
-            text=_timeline_text(image, object, timeline, peak.image_size, busiest),
-            object=object,
-            count=len(points.points),
-            capped=capped,
-            points=points,
-            timeline=timeline,
-        )
+        assert isinstance(peak.result, Points)
+        capped = len(peak.result.points) >= self.max_objects
+        busiest = self._count_result(image, object, peak.result, capped, peak.image_size, peak.time)
+        return _over_video(busiest, timeline)
 
     async def locate(
         self, image: str, object: str, *, more_objects: Sequence[str] | None = None, time: float | None = None
@@ -531,31 +525,12 @@ class VisionTools:
             detections = await tiled.detect(object, max_objects=self.max_objects)
         else:
             detections = await self.backend.detect(prepared, object, settings={"max_objects": self.max_objects})
-        return LocateResult(
-            tool="locate_objects",
-            image=image,
-            image_size=prepared.size,
-            time=time,
-            text=_locate_text(_moment(image, time), object, detections),
-            object=object,
-            detections=detections,
-        )
+        return _locate_result(image, object, detections, prepared.size, time)
 
     async def _locate_video(self, image: str, video: RegisteredVideo, object: str) -> LocateResult:
         timeline, peak = await timeline_of(self.backend, video, "detect", object, self.max_objects)
-        detections = peak.result
-        assert isinstance(detections, Detections)
-        busiest = _locate_text(_moment(image, peak.time), object, detections)
-        return LocateResult(
-            tool="locate_objects",
-            image=image,
-            image_size=peak.image_size,
-            time=peak.time,
-            text=_timeline_text(image, object, timeline, peak.image_size, busiest),
-            object=object,
-            detections=detections,
-            timeline=timeline,
-        )
+        assert isinstance(peak.result, Detections)
+        return _over_video(_locate_result(image, object, peak.result, peak.image_size, peak.time), timeline)
 
     async def segment(
         self,
@@ -678,6 +653,27 @@ async def _each(phrases: list[str], run: Callable[[str], Awaitable[_R]]) -> list
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def _locate_result(
+    image: str, object: str, detections: Detections, size: ImageSize, time: float | None
+) -> LocateResult:
+    return LocateResult(
+        tool="locate_objects",
+        image=image,
+        image_size=size,
+        time=time,
+        text=_locate_text(_moment(image, time), object, detections),
+        object=object,
+        detections=detections,
+    )
+
+
+def _over_video(busiest: _R, timeline: VideoTimeline) -> _R:
+    """A pass over a whole video: the result of its busiest moment, told after when the
+    object appears."""
+    text = _timeline_text(busiest.image, busiest.object, timeline, busiest.image_size, busiest.text)
+    return busiest.model_copy(update={"text": text, "timeline": timeline})
 
 
 def _grouped(results: list[_R], png: bytes | None) -> _R:
