@@ -76,12 +76,18 @@ asyncio.run(main())
 
 
 @contextlib.contextmanager
-def stub_service_process() -> Iterator[dict[str, str]]:
-    """Run :data:`STUB_SERVICE` in a child process; yield its ``base_url`` and ``api_key``."""
-    child = subprocess.Popen([sys.executable, "-c", STUB_SERVICE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def server_process(script: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    """Run a server ``script`` (``python -c``) in a child process: yield the child and the JSON
+    line it prints first (its URLs and keys); closing its stdin stops it."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout is not None
-        yield json.loads(child.stdout.readline())
+        line = child.stdout.readline()
+        if not line:
+            raise RuntimeError("the server process did not start")
+        yield child, json.loads(line)
     finally:
         assert child.stdin is not None
         child.stdin.close()
@@ -92,28 +98,18 @@ def stub_service_process() -> Iterator[dict[str, str]]:
 
 
 @contextlib.contextmanager
+def stub_service_process() -> Iterator[dict[str, str]]:
+    """Run :data:`STUB_SERVICE` in a child process; yield its ``base_url`` and ``api_key``."""
+    with server_process(STUB_SERVICE) as (_, info):
+        yield info
+
+
+@contextlib.contextmanager
 def emulator_process(**options: Any) -> Iterator[dict[str, str]]:
     """Run ``FakeMoondream(**options)`` in a child process; yield its URLs and keys (native,
     fal.ai and AIgateway)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, json.dumps(options)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        if not line:
-            raise RuntimeError("the emulator process did not start")
-        yield json.loads(line)
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            child.kill()
+    with server_process(_SERVER, json.dumps(options)) as (_, info):
+        yield info
 
 
 def photo_12mp(quality: int = 92) -> bytes:

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
-from _common import STUB_SERVICE, photo_12mp, table  # noqa: E402
+from _common import STUB_SERVICE, photo_12mp, server_process, table  # noqa: E402
 from bench_memory import with_comment  # noqa: E402
 from moondream_tools import AsyncMoondream  # noqa: E402
 from moondream_tools.indexing import ImageIndexer  # noqa: E402
@@ -106,19 +106,8 @@ class Emulator:
 def emulator(*, remote: bool = False, **options: Any) -> Iterator[Emulator]:
     """The emulator (or, ``remote``, ``_common.STUB_SERVICE``: a service costing this machine
     no CPU) in a child process."""
-    script = STUB_SERVICE if remote else _SERVER
-    child = subprocess.Popen([sys.executable, "-c", script, json.dumps(options)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        yield Emulator(child, json.loads(child.stdout.readline()))
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            child.kill()
+    with server_process(STUB_SERVICE if remote else _SERVER, json.dumps(options)) as (child, info):
+        yield Emulator(child, info)
 
 
 def small_jpegs(count: int) -> list[bytes]:
@@ -224,6 +213,20 @@ def dataset(ray: Any, images: list[bytes], name: str, block_rows: int) -> Any:
     return ray.data.from_items(items, override_num_blocks=max(1, len(items) // block_rows)).materialize()
 
 
+def one_and_two_actors(ray: Any, server: Emulator, images: list[bytes], cpus: int) -> tuple[tuple[float, float], ...]:
+    """The cpu-bound job on 1 actor, then on 2, in a local cluster of ``cpus`` CPUs."""
+    os.environ[KEY_ENV] = server.api_key  # inherited by the local cluster's workers
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        ds = dataset(ray, images, "photo", CPU_BLOCK)
+        return tuple(
+            ray_job(ray, ds, server, actors=actors, per_actor=PER_ACTOR, images=CPU_IMAGES, batch_size=CPU_BATCH)
+            for actors in (1, 2)
+        )
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     import ray
     import ray.data
@@ -238,14 +241,7 @@ def main() -> None:
 
     rows: list[tuple[Any, ...]] = []
     with emulator(latency=0.0) as server:
-        os.environ[KEY_ENV] = server.api_key  # inherited by the local cluster's workers
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        try:
-            ds = dataset(ray, big, "photo", CPU_BLOCK)
-            one = ray_job(ray, ds, server, actors=1, per_actor=PER_ACTOR, images=CPU_IMAGES, batch_size=CPU_BATCH)
-            two = ray_job(ray, ds, server, actors=2, per_actor=PER_ACTOR, images=CPU_IMAGES, batch_size=CPU_BATCH)
-        finally:
-            ray.shutdown()
+        one, two = one_and_two_actors(ray, server, big, cpus)
         ceiling = udf_in_process(server, big, CPU_BATCH)
         rows += [
             ("cpu-bound: Ray, 1 actor", CPU_IMAGES, *fmt(one, CPU_IMAGES), ""),
@@ -255,14 +251,7 @@ def main() -> None:
              f"Ray 2 actors reach {ceiling[1] / two[1]:.0%} of this machine's ceiling (steady)"),
         ]
     with emulator(remote=True) as server:
-        os.environ[KEY_ENV] = server.api_key
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        try:
-            ds = dataset(ray, big, "photo", CPU_BLOCK)
-            one = ray_job(ray, ds, server, actors=1, per_actor=PER_ACTOR, images=CPU_IMAGES, batch_size=CPU_BATCH)
-            two = ray_job(ray, ds, server, actors=2, per_actor=PER_ACTOR, images=CPU_IMAGES, batch_size=CPU_BATCH)
-        finally:
-            ray.shutdown()
+        one, two = one_and_two_actors(ray, server, big, cpus)
         rows += [
             ("cpu-bound, service elsewhere: Ray, 1 actor", CPU_IMAGES, *fmt(one, CPU_IMAGES), ""),
             ("cpu-bound, service elsewhere: Ray, 2 actors", CPU_IMAGES, *fmt(two, CPU_IMAGES),
