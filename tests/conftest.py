@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,8 @@ import pytest
 from moondream_tools import AsyncMoondream, FalMoondream, FalSam3
 from moondream_tools import _transport as transport_module
 from moondream_tools.testing import FakeMoondream
+
+from emulator_support import emulator_in_thread
 
 #: ../shared beside the checkout (CI puts it there).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -71,24 +71,5 @@ def threaded_fake() -> Iterator[FakeMoondream]:
     For tests of synchronous calls: a sync call blocks the calling thread's loop, so the
     server must not live on that loop.
     """
-    ready = threading.Event()
-    state: dict[str, Any] = {}
-
-    def serve() -> None:
-        async def main() -> None:
-            async with FakeMoondream() as server:
-                state.update(server=server, stop=asyncio.Event(), loop=asyncio.get_running_loop())
-                ready.set()
-                await state["stop"].wait()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve, name="fake-moondream")
-    thread.start()
-    if not ready.wait(10):
-        pytest.fail("the emulator did not start")
-    try:
-        yield state["server"]
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(10)
+    with emulator_in_thread() as server:
+        yield server

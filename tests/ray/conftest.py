@@ -16,9 +16,7 @@ ignored, so nothing else is hidden.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -27,32 +25,15 @@ import pytest
 
 from moondream_tools.testing import FakeMoondream
 
+from emulator_support import emulator_in_thread
+
 from .ray_support import KEY, KEY_ENV
 
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[FakeMoondream]:
-    ready = threading.Event()
-    state: dict[str, Any] = {}
-
-    def serve() -> None:
-        async def main() -> None:
-            async with FakeMoondream(api_key=KEY) as server:
-                state.update(server=server, stop=asyncio.Event(), loop=asyncio.get_running_loop())
-                ready.set()
-                await state["stop"].wait()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve, name="fake-moondream-ray", daemon=True)
-    thread.start()
-    if not ready.wait(10):
-        pytest.fail("the emulator did not start")
-    try:
-        yield state["server"]
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(10)
+    with emulator_in_thread(name="fake-moondream-ray", api_key=KEY) as server:
+        yield server
 
 
 @pytest.fixture
