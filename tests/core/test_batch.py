@@ -47,9 +47,7 @@ from moondream_tools.batch._wire import parse_result_line, request_fields, reque
 from moondream_tools.results import ImageSize
 from moondream_tools.testing import FakeMoondream, Scene
 
-
-class Killed(BaseException):
-    """The process dies here (nothing after it runs, no ``except Exception`` catches it)."""
+from batch_support import Killed, kill_after
 
 
 # ---------------------------------------------------------------- helpers
@@ -85,21 +83,6 @@ def add_detections(job: MoondreamBatch, images: list[bytes]) -> None:
 
 async def collect(job: MoondreamBatch, **options: Any) -> list[BatchResult]:
     return [item async for item in job.run(**options)]
-
-
-def kill_after(monkeypatch: pytest.MonkeyPatch, step: Callable[[JobState], bool]) -> list[bool]:
-    """Die (once) right after the job records a state for which ``step`` is true."""
-    original = MoondreamBatch._save
-    fired: list[bool] = []
-
-    def save(self: MoondreamBatch) -> None:
-        original(self)
-        if not fired and step(self._state):  # type: ignore[arg-type]
-            fired.append(True)
-            raise Killed
-
-    monkeypatch.setattr(MoondreamBatch, "_save", save)
-    return fired
 
 
 def the_batch(fake: FakeMoondream) -> Any:

@@ -21,7 +21,6 @@ from moondream_tools import (
     BatchProgress,
     ConfigurationError,
     FalMoondream,
-    MoondreamBatch,
     ResultCache,
 )
 from moondream_tools.batch import _job
@@ -29,16 +28,13 @@ from moondream_tools.batch._state import JobState
 from moondream_tools.indexing import ImageIndexer, ImageRecord, IndexProgress
 from moondream_tools.testing import FakeMoondream, Scene, Shape
 
+from batch_support import Killed, kill_after
 from tiling_support import small_scene
 
 OPTIONS: dict[str, Any] = dict(questions=["How many circles?"], ocr=True, detect=["yellow triangle", "shapes"])
 CODES = ["caption", "q0", "ocr", "d0", "d1"]  # the line id of each call of OPTIONS
 FAST: dict[str, Any] = dict(poll_interval=0.01, max_poll_interval=0.02)
 YELLOW = Scene(640, 480, [Shape("triangle", "yellow", (200, 150), 90), Shape("circle", "red", (450, 320), 80)])
-
-
-class Killed(BaseException):
-    """A process killed at a chosen step."""
 
 
 def folder(tmp_path: Path, count: int = 4) -> tuple[Path, list[Scene]]:
@@ -62,21 +58,6 @@ def dumps(records: list[ImageRecord]) -> list[dict[str, Any]]:
 
 def lines_sent(job_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for path in sorted(job_dir.glob("requests-*.jsonl")) for line in path.read_bytes().splitlines()]
-
-
-def kill_after(monkeypatch: pytest.MonkeyPatch, step: Callable[[JobState], bool]) -> list[bool]:
-    """Die (once) right after the batch job records a state for which ``step`` is true."""
-    original = MoondreamBatch._save
-    fired: list[bool] = []
-
-    def save(self: MoondreamBatch) -> None:
-        original(self)
-        if not fired and step(self._state):  # type: ignore[arg-type]
-            fired.append(True)
-            raise Killed
-
-    monkeypatch.setattr(MoondreamBatch, "_save", save)
-    return fired
 
 
 # ---------------------------------------------------------------------------
